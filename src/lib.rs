@@ -1,0 +1,313 @@
+//! pushwire: a small WebSocket push server fed by Redis pub/sub.
+//!
+//! [`start`] is the one place that wires the parts together: it binds the
+//! listeners, starts `--workers` mio loops (`server`), the Redis subscriber
+//! thread (`subscriber`) and the admin listener (`admin`), and returns a
+//! [`Server`] handle. [`run`] adds signals and systemd notification and
+//! blocks until the process should exit; `main` only maps its result to an
+//! exit status.
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod connection;
+pub mod dispatch;
+pub mod metrics;
+pub mod notice;
+pub mod sdnotify;
+pub mod server;
+pub mod sessions;
+pub mod subscriber;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub use config::Config;
+
+use dispatch::WorkerHandle;
+
+/// Everything the threads share. Sockets are not in here: each loop owns its own.
+pub struct Shared {
+    pub config: Config,
+    pub policy: auth::Policy,
+    pub keys: auth::Keys,
+    pub sessions: sessions::Sessions,
+    pub metrics: metrics::Metrics,
+    pub workers: Vec<WorkerHandle>,
+    pub shutting_down: AtomicBool,
+    /// Set when the subscription is proven end to end (or there is no Redis).
+    pub redis_ready: AtomicBool,
+    pub started: Instant,
+}
+
+impl Shared {
+    pub fn is_ready(&self) -> bool {
+        self.redis_ready.load(Ordering::Relaxed) && !self.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Milliseconds since start, the unit of the loops' heartbeats.
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+}
+
+#[derive(Debug)]
+pub enum StartError {
+    Bind(&'static str, SocketAddr, io::Error),
+    Io(&'static str, io::Error),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Bind(what, addr, e) => write!(f, "cannot listen on {addr} ({what}): {e}"),
+            StartError::Io(what, e) => write!(f, "{what}: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// A running server.
+pub struct Server {
+    shared: Arc<Shared>,
+    ws_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    loops: Vec<JoinHandle<()>>,
+    subscriber: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    pub fn ws_addr(&self) -> SocketAddr {
+        self.ws_addr
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Starts the graceful drain: stop accepting, close every connection
+    /// with 1001, flush, stop. Returns at once; [`Server::wait`] waits.
+    pub fn shutdown(&self) {
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
+        for w in &self.shared.workers {
+            w.wake();
+        }
+    }
+
+    /// Waits for the loops to finish draining and the subscriber to stop.
+    pub fn wait(mut self) {
+        for l in self.loops.drain(..) {
+            let _ = l.join();
+        }
+        if let Some(s) = self.subscriber.take() {
+            let _ = s.join();
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.loops.iter().all(|l| l.is_finished())
+    }
+}
+
+/// Binds the listeners and starts every thread.
+pub fn start(config: Config) -> Result<Server, StartError> {
+    let listener = match sdnotify::activated_listener() {
+        Some(l) => {
+            log::info!("using the listening socket passed by systemd (socket activation)");
+            l
+        }
+        None => server::bind(config.listen)
+            .map_err(|e| StartError::Bind("--listen", config.listen, e))?,
+    };
+    let ws_addr = listener
+        .local_addr()
+        .map_err(|e| StartError::Io("listener address", e))?;
+    let admin = match config.admin_listen {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .map_err(|e| StartError::Bind("--admin-listen", addr, e))?,
+        ),
+        None => None,
+    };
+    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    let keys = auth::Keys::new(config.jwt_key.clone())
+        .map_err(|e| StartError::Io("--jwt-secret-file", e))?;
+
+    let mut polls = Vec::new();
+    let mut workers = Vec::new();
+    for id in 0..config.workers {
+        let (poll, handle, inbox) =
+            server::Worker::prepare(id as u16).map_err(|e| StartError::Io("event loop", e))?;
+        polls.push((poll, inbox));
+        workers.push(handle);
+    }
+    if config.auth == config::AuthMode::Query && !ws_addr.ip().is_loopback() {
+        log::warn!("--auth query trusts ?user= from anyone: use it for local trials only, not on {ws_addr}");
+    }
+    let shared = Arc::new(Shared {
+        policy: auth::Policy::from_config(&config),
+        keys,
+        sessions: Default::default(),
+        metrics: Default::default(),
+        workers,
+        shutting_down: AtomicBool::new(false),
+        redis_ready: AtomicBool::new(config.redis_url.is_none()),
+        started: Instant::now(),
+        config,
+    });
+
+    let mut listener = Some(listener);
+    let mut loops = Vec::new();
+    for (id, (poll, inbox)) in polls.into_iter().enumerate() {
+        let worker = server::Worker::new(id as u16, poll, inbox, shared.clone(), listener.take())
+            .map_err(|e| StartError::Io("event loop", e))?;
+        let t = std::thread::Builder::new()
+            .name(format!("loop-{id}"))
+            .spawn(move || worker.run())
+            .map_err(|e| StartError::Io("spawn", e))?;
+        loops.push(t);
+    }
+    let subscriber = match shared.config.redis_url.clone() {
+        Some(url) => {
+            let s = shared.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("subscriber".into())
+                    .spawn(move || subscriber::run(url, s))
+                    .map_err(|e| StartError::Io("spawn", e))?,
+            )
+        }
+        None => None,
+    };
+    if let Some(admin) = admin {
+        admin::start(admin, shared.clone()).map_err(|e| StartError::Io("admin listener", e))?;
+    }
+    log::info!(
+        "pushwire {} listening ws={} admin={} workers={} redis={}",
+        env!("CARGO_PKG_VERSION"),
+        ws_addr,
+        admin_addr.map_or("off".to_string(), |a| a.to_string()),
+        shared.config.workers,
+        shared
+            .config
+            .redis_url
+            .as_deref()
+            .map_or("off (standalone)".to_string(), redact),
+    );
+    Ok(Server {
+        shared,
+        ws_addr,
+        admin_addr,
+        loops,
+        subscriber,
+    })
+}
+
+/// A Redis URL for the log, without its password.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+        _ => url.to_string(),
+    }
+}
+
+/// Runs until SIGTERM/SIGINT and a graceful drain: signals, systemd
+/// notification, the watchdog fed by the loops' progress.
+pub fn run(config: Config) -> Result<(), StartError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    use signal_hook_mio::v1_0::Signals;
+
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(|e| StartError::Io("signals", e))?;
+    let mut poll = mio::Poll::new().map_err(|e| StartError::Io("poll", e))?;
+    poll.registry()
+        .register(&mut signals, mio::Token(0), mio::Interest::READABLE)
+        .map_err(|e| StartError::Io("signals", e))?;
+    let shutdown_timeout = config.shutdown_timeout;
+    let server = start(config)?;
+    let shared = server.shared.clone();
+    let notify = sdnotify::Notifier::from_env();
+    notify.send("READY=1");
+    let watchdog = sdnotify::watchdog_interval();
+    let status_every = Duration::from_secs(5);
+    let mut last_status = Instant::now() - status_every;
+    let mut last_watchdog = Instant::now();
+    let mut events = mio::Events::with_capacity(8);
+    let mut drain_started: Option<Instant> = None;
+    loop {
+        let tick = watchdog.map_or(Duration::from_secs(1), |w| w.min(Duration::from_secs(1)));
+        if let Err(e) = poll.poll(&mut events, Some(tick)) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(StartError::Io("poll", e));
+            }
+        }
+        for sig in signals.pending() {
+            match sig {
+                SIGHUP => match shared.keys.reload() {
+                    Ok(true) => log::info!(
+                        "SIGHUP: re-read the JWT key file; new connections need the new key"
+                    ),
+                    Ok(false) => log::info!("SIGHUP: no --jwt-secret-file to re-read"),
+                    Err(e) => log::error!(
+                        "SIGHUP: cannot re-read the JWT key file, keeping the old key: {e}"
+                    ),
+                },
+                _ if drain_started.is_some() => {
+                    log::warn!("second stop signal during the drain: exiting now");
+                    std::process::exit(1);
+                }
+                _ => {
+                    log::info!(
+                        "stop signal: draining {} connections (at most {:?})",
+                        shared.metrics.connections.load(Ordering::Relaxed),
+                        shutdown_timeout
+                    );
+                    notify.send("STOPPING=1");
+                    drain_started = Some(Instant::now());
+                    server.shutdown();
+                }
+            }
+        }
+        if server.is_finished() {
+            break;
+        }
+        if let Some(w) = watchdog {
+            // Only when every loop made progress recently: a stuck loop
+            // stops the pings and systemd restarts the service.
+            let now = shared.now_ms();
+            let stale = shared.workers.iter().any(|h| {
+                now.saturating_sub(h.heartbeat.load(Ordering::Relaxed)) > w.as_millis() as u64
+            });
+            if !stale && last_watchdog.elapsed() >= w && drain_started.is_none() {
+                notify.send("WATCHDOG=1");
+                last_watchdog = Instant::now();
+            }
+        }
+        if notify.is_enabled() && last_status.elapsed() >= status_every {
+            let redis = match (&shared.config.redis_url, shared.is_ready()) {
+                (None, _) => "standalone",
+                (Some(_), true) => "redis subscribed",
+                (Some(_), false) => "redis NOT subscribed",
+            };
+            notify.send(&format!(
+                "STATUS={} connections, {} users, {}",
+                shared.metrics.connections.load(Ordering::Relaxed),
+                shared.sessions.users(),
+                redis
+            ));
+            last_status = Instant::now();
+        }
+    }
+    server.wait();
+    log::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! Counters and gauges, shared by every thread as relaxed atomics and
+//! rendered in the Prometheus text format by the admin listener.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Labels of `pushwire_handshake_rejected_total`, one per refusal reason.
+pub const REJECT_REASONS: &[&str] = &[
+    "bad_request",
+    "not_found",
+    "method",
+    "origin",
+    "unauthorized",
+    "limit",
+    "shutdown",
+    "too_large",
+    "timeout",
+];
+
+/// The index of a refusal reason; unknown reasons count as `bad_request`.
+pub fn reason_index(reason: &str) -> usize {
+    REJECT_REASONS
+        .iter()
+        .position(|r| *r == reason)
+        .unwrap_or(0)
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub connections: AtomicU64,
+    pub connections_accepted: AtomicU64,
+    pub handshake_rejected: [AtomicU64; 9],
+    pub notices_received: AtomicU64,
+    pub notices_invalid: AtomicU64,
+    pub notices_dropped: AtomicU64,
+    pub messages_delivered: AtomicU64,
+    pub slow_consumer_closed: AtomicU64,
+    pub token_expired_closed: AtomicU64,
+    pub idle_closed: AtomicU64,
+    pub protocol_closed: AtomicU64,
+    pub accept_errors: AtomicU64,
+    pub redis_connected: AtomicU64,
+    pub redis_reconnects: AtomicU64,
+    pub canary_failures: AtomicU64,
+    pub resync_sent: AtomicU64,
+}
+
+impl Metrics {
+    pub fn reject(&self, reason: &str) {
+        self.handshake_rejected[reason_index(reason)].fetch_add(1, Relaxed);
+    }
+
+    pub fn render(&self, users: usize) -> String {
+        let mut out = String::with_capacity(2048);
+        let mut one = |name: &str, kind: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        };
+        one(
+            "pushwire_connections",
+            "gauge",
+            "Open WebSocket connections.",
+            self.connections.load(Relaxed),
+        );
+        one(
+            "pushwire_users",
+            "gauge",
+            "Users with at least one open connection.",
+            users as u64,
+        );
+        one(
+            "pushwire_connections_accepted_total",
+            "counter",
+            "Upgrades completed.",
+            self.connections_accepted.load(Relaxed),
+        );
+        one(
+            "pushwire_notices_received_total",
+            "counter",
+            "Notices received (valid or not).",
+            self.notices_received.load(Relaxed),
+        );
+        one(
+            "pushwire_notices_invalid_total",
+            "counter",
+            "Notices dropped as invalid.",
+            self.notices_invalid.load(Relaxed),
+        );
+        one(
+            "pushwire_notices_dropped_total",
+            "counter",
+            "Deliveries dropped because a loop's inbox was full.",
+            self.notices_dropped.load(Relaxed),
+        );
+        one(
+            "pushwire_messages_delivered_total",
+            "counter",
+            "Notice frames queued to connections.",
+            self.messages_delivered.load(Relaxed),
+        );
+        one(
+            "pushwire_slow_consumer_closed_total",
+            "counter",
+            "Connections cut for passing --max-queue-bytes.",
+            self.slow_consumer_closed.load(Relaxed),
+        );
+        one(
+            "pushwire_token_expired_closed_total",
+            "counter",
+            "Connections closed with 4001 when their token expired.",
+            self.token_expired_closed.load(Relaxed),
+        );
+        one(
+            "pushwire_idle_closed_total",
+            "counter",
+            "Connections dropped after --idle-timeout of silence.",
+            self.idle_closed.load(Relaxed),
+        );
+        one(
+            "pushwire_protocol_closed_total",
+            "counter",
+            "Connections closed for a protocol violation or an oversized message.",
+            self.protocol_closed.load(Relaxed),
+        );
+        one(
+            "pushwire_accept_errors_total",
+            "counter",
+            "Failed accept() calls (descriptor exhaustion and the like).",
+            self.accept_errors.load(Relaxed),
+        );
+        one(
+            "pushwire_redis_connected",
+            "gauge",
+            "1 while the subscription is proven by the canary.",
+            self.redis_connected.load(Relaxed),
+        );
+        one(
+            "pushwire_redis_reconnects_total",
+            "counter",
+            "Subscriber reconnects after a loss.",
+            self.redis_reconnects.load(Relaxed),
+        );
+        one(
+            "pushwire_redis_canary_failures_total",
+            "counter",
+            "Canaries that did not come back in time.",
+            self.canary_failures.load(Relaxed),
+        );
+        one(
+            "pushwire_resync_notices_total",
+            "counter",
+            "Times the resync notice was sent after a loss.",
+            self.resync_sent.load(Relaxed),
+        );
+        let _ = writeln!(out, "# HELP pushwire_handshake_rejected_total Upgrades refused, by reason.\n# TYPE pushwire_handshake_rejected_total counter");
+        for (reason, n) in REJECT_REASONS.iter().zip(&self.handshake_rejected) {
+            let _ = writeln!(
+                out,
+                "pushwire_handshake_rejected_total{{reason=\"{reason}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# HELP process_resident_memory_bytes Resident memory size in bytes.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {}", resident_bytes());
+        out
+    }
+}
+
+/// Resident set size from /proc/self/statm (0 where there is none).
+pub fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * u64::try_from(page).unwrap_or(4096)
+}
