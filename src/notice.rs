@@ -232,7 +232,17 @@ mod tests {
             "[".repeat(10_000),
             "]".repeat(10_000)
         );
-        assert!(matches!(parse(nested.as_bytes()), Err(NotJson(_))));
+        // Deep nesting in other fields is skipped without recursion: valid.
+        assert_eq!(
+            parse(nested.as_bytes()).unwrap().route,
+            Route::User("1".into())
+        );
+        let deep_route = format!(
+            "{{\"userIds\":{}1{}}}",
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        assert!(matches!(parse(deep_route.as_bytes()), Err(NotJson(_))));
         let big = format!(
             "{{\"userId\":1,\"a\":\"{}\"}}",
             "x".repeat(MAX_NOTICE_BYTES)

@@ -1,0 +1,15 @@
+//! Behaviour over real sockets: the real `pushwire` binary, a real
+//! `redis-server` each test starts on a free port, real WebSocket clients,
+//! and a watchdog in every test so a hang fails fast.
+
+mod util;
+
+mod browser;
+mod cli;
+mod handshake;
+mod hostile;
+mod lifecycle;
+mod notices;
+mod props;
+mod push;
+mod redis_faults;

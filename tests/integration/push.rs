@@ -1,0 +1,82 @@
+//! The push path end to end: two nodes on one Redis.
+
+use std::time::Duration;
+
+use crate::util::*;
+
+const CHANNEL: &str = "websocket:sendMsgTopic";
+const T: Duration = Duration::from_secs(5);
+const QUIET: Duration = Duration::from_millis(300);
+
+#[test]
+fn two_nodes_route_each_notice_to_exactly_the_right_connections() {
+    let _w = watchdog(60);
+    let redis = Redis::start();
+    let a = Node::with_redis(&redis, &[]);
+    let b = Node::with_redis(&redis, &[]);
+    let mut a42 = [a.connect("42"), a.connect("42")];
+    let mut b42 = b.connect("42");
+    let mut b7 = b.connect("7");
+    assert!(a.wait_metric("pushwire_connections", T, |v| v == 2.0));
+    assert!(b.wait_metric("pushwire_connections", T, |v| v == 2.0));
+    assert_eq!(a.metric("pushwire_users"), 1.0);
+
+    // Integer userId reaches user 42 on both nodes, byte for byte.
+    let n1 = r#"{"userId":42,  "text":"h\u00e9llo shipped","n":1}"#;
+    assert_eq!(
+        redis.publish(CHANNEL, n1.as_bytes()),
+        2,
+        "both nodes subscribed"
+    );
+    for c in a42.iter_mut() {
+        assert_eq!(c.recv_text(T).as_deref(), Some(n1));
+    }
+    assert_eq!(b42.recv_text(T).as_deref(), Some(n1));
+    b7.expect_nothing(QUIET);
+
+    // String userId: the same user.
+    let n2 = r#"{"userId":"42","text":"two"}"#;
+    redis.publish(CHANNEL, n2.as_bytes());
+    for c in a42.iter_mut() {
+        assert_eq!(c.recv_text(T).as_deref(), Some(n2));
+    }
+    assert_eq!(b42.recv_text(T).as_deref(), Some(n2));
+    b7.expect_nothing(QUIET);
+
+    // userIds: only 7 of the listed users is here besides 42... list 7 and 99.
+    let n3 = r#"{"userIds":["7",99],"text":"three"}"#;
+    redis.publish(CHANNEL, n3.as_bytes());
+    assert_eq!(b7.recv_text(T).as_deref(), Some(n3));
+    b42.expect_nothing(QUIET);
+    for c in a42.iter_mut() {
+        c.expect_nothing(Duration::from_millis(50));
+    }
+
+    // broadcast: everyone, once.
+    let n4 = r#"{"broadcast":true,"text":"four"}"#;
+    redis.publish(CHANNEL, n4.as_bytes());
+    for c in a42.iter_mut().chain([&mut b42, &mut b7]) {
+        assert_eq!(c.recv_text(T).as_deref(), Some(n4));
+    }
+    for c in a42.iter_mut().chain([&mut b42, &mut b7]) {
+        c.expect_nothing(Duration::from_millis(100));
+    }
+
+    // POST /publish on A reaches user 7 on B.
+    let n5 = r#"{"userId":"7","text":"via admin"}"#;
+    let (status, body) = a.publish(n5);
+    assert_eq!(status, 202, "{body}");
+    assert!(body.contains("\"receivers\":2"), "{body}");
+    assert_eq!(b7.recv_text(T).as_deref(), Some(n5));
+    b42.expect_nothing(QUIET);
+
+    assert_eq!(
+        a.metric("pushwire_messages_delivered_total"),
+        2.0 + 2.0 + 2.0
+    );
+    assert_eq!(b.metric("pushwire_notices_received_total"), 5.0);
+
+    // A closed connection leaves the map.
+    drop(b7);
+    assert!(b.wait_metric("pushwire_users", T, |v| v == 1.0));
+}
