@@ -201,7 +201,8 @@ mod tests {
     #[test]
     fn invalid_notices() {
         use NoticeError::*;
-        let cases: &[(&[u8], fn(&NoticeError) -> bool)] = &[
+        type Case<'a> = (&'a [u8], fn(&NoticeError) -> bool);
+        let cases: &[Case] = &[
             (b"not json", |e| matches!(e, NotJson(_))),
             (b"[1,2]", |e| *e == NotObject),
             (b"\"userId\"", |e| *e == NotObject),

@@ -177,7 +177,7 @@ impl Worker {
                 match event.token() {
                     LISTENER => self.accept(now),
                     WAKER => {}
-                    Token(slot) => self.on_event(slot, now),
+                    Token(slot) => self.contain(slot, |w| w.on_event(slot, now)),
                 }
             }
             // Drain what is queued now, not what arrives while we work.
@@ -233,6 +233,19 @@ impl Worker {
             "loop {} stopped ({left} connections cut at the drain limit)",
             self.id
         );
+    }
+
+    /// Runs one connection's handling; a panic in it (a bug: nothing a
+    /// peer sends should cause one) costs that connection, not the loop.
+    fn contain(&mut self, slot: usize, f: impl FnOnce(&mut Self)) {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
+        if r.is_err() {
+            log::error!(
+                "loop {}: a panic while handling conn={slot}; dropping that connection",
+                self.id
+            );
+            self.remove(slot);
+        }
     }
 
     fn accept(&mut self, now: Instant) {
@@ -624,6 +637,14 @@ impl Worker {
         for _ in 0..MAX_READS_PER_PASS {
             match ws.read() {
                 Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => conn.control_frames += 1,
+                // Lets the test suite prove that a panic is contained.
+                #[cfg(debug_assertions)]
+                Ok(Message::Text(t))
+                    if t.as_str() == "__pushwire_test_panic__"
+                        && std::env::var_os("PUSHWIRE_TEST_PANIC").is_some() =>
+                {
+                    panic!("test panic requested by the client")
+                }
                 Ok(Message::Close(_)) => {
                     // tungstenite queued the close reply; send it and finish.
                     let _ = ws.flush();

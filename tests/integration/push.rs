@@ -80,3 +80,34 @@ fn two_nodes_route_each_notice_to_exactly_the_right_connections() {
     drop(b7);
     assert!(b.wait_metric("pushwire_users", T, |v| v == 1.0));
 }
+
+#[test]
+fn a_panic_in_one_connection_costs_only_that_connection() {
+    let _w = watchdog(30);
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args([
+        "--dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+    ])
+    .env("PUSHWIRE_TEST_PANIC", "1");
+    let node = Node::start_cmd(&mut cmd);
+    let mut healthy = Client::connect(&node.url("/ws?user=1")).unwrap();
+    let mut bad = Client::connect(&node.url("/ws?user=2")).unwrap();
+    bad.ws
+        .send(tungstenite::Message::text("__pushwire_test_panic__"))
+        .unwrap();
+    assert!(node.wait_metric("pushwire_connections", T, |v| v == 1.0));
+    assert!(node.log_contains("a panic while handling"));
+    let n = r#"{"userId":1,"after":"panic"}"#;
+    assert_eq!(node.publish(n).0, 202);
+    assert_eq!(healthy.recv_text(T).as_deref(), Some(n));
+    // The loop still accepts.
+    let mut again = Client::connect(&node.url("/ws?user=3")).unwrap();
+    node.publish(r#"{"userId":3}"#);
+    assert!(again.recv_text(T).is_some());
+}
