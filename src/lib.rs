@@ -283,10 +283,13 @@ pub fn run(config: Config) -> Result<(), StartError> {
         if let Some(w) = watchdog {
             // Only when every loop made progress recently: a stuck loop
             // stops the pings and systemd restarts the service.
+            // A loop passes at least once a tick (at most 500 ms).
+            let limit = w.max(Duration::from_millis(1500)).as_millis() as u64;
             let now = shared.now_ms();
-            let stale = shared.workers.iter().any(|h| {
-                now.saturating_sub(h.heartbeat.load(Ordering::Relaxed)) > w.as_millis() as u64
-            });
+            let stale = shared
+                .workers
+                .iter()
+                .any(|h| now.saturating_sub(h.heartbeat.load(Ordering::Relaxed)) > limit);
             if !stale && last_watchdog.elapsed() >= w && drain_started.is_none() {
                 notify.send("WATCHDOG=1");
                 last_watchdog = Instant::now();

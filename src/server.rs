@@ -156,7 +156,11 @@ impl Worker {
     pub fn run(mut self) {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         let mut next_tick = Instant::now() + self.tick;
+        let inbox = self.inbox.clone();
+        let shared = self.shared.clone();
+        let heartbeat = &shared.workers[self.id as usize].heartbeat;
         loop {
+            heartbeat.store(self.shared.now_ms(), Ordering::Relaxed);
             let now = Instant::now();
             let mut timeout = next_tick.saturating_duration_since(now);
             if !self.again.is_empty() {
@@ -182,8 +186,7 @@ impl Worker {
             }
             // Drain what is queued now, not what arrives while we work.
             self.wake_pending.store(false, Ordering::Release);
-            let n = self.inbox.len();
-            for msg in self.inbox.try_iter().take(n).collect::<Vec<_>>() {
+            for msg in inbox.try_iter().take(inbox.len()) {
                 self.on_inbox(msg, now);
             }
             for (slot, generation) in std::mem::take(&mut self.again) {
@@ -772,9 +775,6 @@ impl Worker {
     }
 
     fn on_tick(&mut self, now: Instant) {
-        self.shared.workers[self.id as usize]
-            .heartbeat
-            .store(self.shared.now_ms(), Ordering::Relaxed);
         let c = &self.shared.config;
         let (hs_timeout, idle, ping) = (c.handshake_timeout, c.idle_timeout, c.ping_interval);
         let unix = auth::unix_now();
