@@ -1,1 +1,350 @@
-//! (to be written)
+//! Redis going away, hanging, cutting the subscriber, requiring
+//! credentials, and being down at start (SPEC sections 2 and 6).
+
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+const CHANNEL: &str = "websocket:sendMsgTopic";
+const T: Duration = Duration::from_secs(5);
+/// Reconnects back off up to 3 s (plus jitter): room for a couple of tries.
+const RECOVER: Duration = Duration::from_secs(10);
+
+/// PUBLISH through the redis crate on any URL (with credentials, a db).
+fn publish_url(url: &str, channel: &str, payload: &[u8]) -> i64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client
+        .get_connection_with_timeout(Duration::from_secs(5))
+        .unwrap();
+    redis::cmd("PUBLISH")
+        .arg(channel)
+        .arg(payload)
+        .query(&mut c)
+        .unwrap()
+}
+
+/// A pushwire node on `redis_url` (JWT auth, `--canary-interval 0.5`),
+/// not waiting for readiness: for Redis URLs with credentials, or a Redis
+/// that is down.
+fn node_on_url(redis_url: &str, args: &[&str]) -> Node {
+    let mut all = vec![
+        "--redis",
+        redis_url,
+        "--jwt-secret",
+        SECRET,
+        "--canary-interval",
+        "0.5",
+    ];
+    all.extend_from_slice(args);
+    Node::start(&all)
+}
+
+fn readyz(node: &Node) -> u16 {
+    node.admin_get("/readyz").0
+}
+
+/// Waits until /readyz answers 503 and the connected gauge is 0.
+fn wait_not_ready(node: &Node, timeout: Duration) -> bool {
+    wait_until(timeout, || readyz(node) == 503) && node.metric("pushwire_redis_connected") == 0.0
+}
+
+/// Publishes `notice` until the node counts it received (a publish made
+/// while the node is not yet subscribed reaches nobody, by design).
+fn publish_when_subscribed(redis: &Redis, node: &Node, notice: &str) {
+    let before = node.metric("pushwire_notices_received_total");
+    assert_eq!(
+        redis.publish(CHANNEL, notice.as_bytes()),
+        1,
+        "the node is subscribed once /readyz says so"
+    );
+    assert!(node.wait_metric("pushwire_notices_received_total", T, |v| v == before + 1.0));
+}
+
+#[test]
+fn redis_restart_keeps_clients_and_resumes_delivery() {
+    let _w = watchdog(30);
+    let mut redis = Redis::start();
+    let node = Node::with_redis(&redis, &[]);
+    let mut c42 = node.connect("42");
+    let mut c7 = node.connect("7");
+    assert!(node.wait_metric("pushwire_connections", T, |v| v == 2.0));
+    let first = r#"{"userId":"42","text":"before"}"#;
+    publish_when_subscribed(&redis, &node, first);
+    assert_eq!(c42.recv_text(T).as_deref(), Some(first));
+    // POST /publish opens its own Redis connection, kept for later.
+    let via_admin = r#"{"userId":"42","text":"via admin"}"#;
+    let (st, body) = node.publish(via_admin);
+    assert_eq!((st, body.trim()), (202, r#"{"receivers":1}"#));
+    assert_eq!(c42.recv_text(T).as_deref(), Some(via_admin));
+    assert_eq!(node.metric("pushwire_redis_reconnects_total"), 0.0);
+    assert_eq!(node.metric("pushwire_redis_connected"), 1.0);
+
+    redis.kill();
+    assert!(
+        wait_not_ready(&node, T),
+        "/readyz must say 503 while Redis is away"
+    );
+    let (st, why) = node.admin_get("/readyz");
+    assert_eq!(st, 503);
+    assert!(
+        !why.trim().is_empty(),
+        "a 503 from /readyz gives the reason"
+    );
+    // Liveness is not readiness: the loops run.
+    assert_eq!(node.admin_get("/healthz").0, 200);
+    // The clients stay connected.
+    assert_eq!(node.metric("pushwire_connections"), 2.0);
+    // POST /publish cannot reach Redis: it says so rather than 202.
+    let (st, body) = node.publish(r#"{"userId":"42","text":"lost"}"#);
+    assert_eq!(st, 503, "POST /publish with Redis down: {body}");
+
+    redis.restart();
+    assert!(node.wait_ready(RECOVER), "ready again after Redis is back");
+    assert_eq!(node.metric("pushwire_redis_connected"), 1.0);
+    assert_eq!(node.metric("pushwire_redis_reconnects_total"), 1.0);
+
+    // The next notice arrives on the very same connections: no resync
+    // notice or anything else before it (no --resync-notice given).
+    let after = r#"{"userId":"42","text":"after"}"#;
+    publish_when_subscribed(&redis, &node, after);
+    assert_eq!(c42.recv_text(T).as_deref(), Some(after));
+    let all = r#"{"broadcast":true,"text":"all"}"#;
+    publish_when_subscribed(&redis, &node, all);
+    assert_eq!(c7.recv_text(T).as_deref(), Some(all));
+    assert_eq!(c42.recv_text(T).as_deref(), Some(all));
+    // POST /publish reconnects too.
+    let (st, body) = node.publish(via_admin);
+    assert_eq!((st, body.trim()), (202, r#"{"receivers":1}"#));
+    assert_eq!(c42.recv_text(T).as_deref(), Some(via_admin));
+    assert_eq!(
+        node.metric("pushwire_connections_accepted_total"),
+        2.0,
+        "no client reconnected"
+    );
+    assert_eq!(node.metric("pushwire_resync_notices_total"), 0.0);
+    assert!(node.log_contains("redis"), "the loss is logged");
+}
+
+#[test]
+fn resync_notice_goes_to_every_connection_after_a_restart() {
+    let _w = watchdog(30);
+    let mut redis = Redis::start();
+    let resync = r#"{"resync":true}"#;
+    let node = Node::with_redis(&redis, &["--resync-notice", resync, "--workers", "2"]);
+    let mut clients = [
+        node.connect("42"),
+        node.connect("42"),
+        node.connect("7"),
+        node.connect("8"),
+    ];
+    assert!(node.wait_metric("pushwire_connections", T, |v| v == 4.0));
+    // Nothing is sent on the first subscription.
+    for c in clients.iter_mut() {
+        c.expect_nothing(Duration::from_millis(100));
+    }
+
+    redis.kill();
+    assert!(wait_not_ready(&node, T));
+    redis.restart();
+    assert!(node.wait_ready(RECOVER));
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_eq!(c.recv_text(T).as_deref(), Some(resync), "client {i}");
+    }
+    assert_eq!(node.metric("pushwire_resync_notices_total"), 1.0);
+    assert_eq!(node.metric("pushwire_redis_reconnects_total"), 1.0);
+    // Once only, and normal delivery follows.
+    let n = r#"{"userIds":["42","8"],"text":"after"}"#;
+    publish_when_subscribed(&redis, &node, n);
+    for i in [0, 1, 3] {
+        assert_eq!(clients[i].recv_text(T).as_deref(), Some(n), "client {i}");
+    }
+    clients[2].expect_nothing(Duration::from_millis(200));
+    assert_eq!(node.metric("pushwire_connections_accepted_total"), 4.0);
+}
+
+#[test]
+fn paused_redis_is_detected_by_the_canary_and_recovered() {
+    let _w = watchdog(30);
+    let redis = Redis::start();
+    let node = Node::with_redis(&redis, &[]);
+    let mut c = node.connect("42");
+    let first = r#"{"userId":"42","text":"before"}"#;
+    publish_when_subscribed(&redis, &node, first);
+    assert_eq!(c.recv_text(T).as_deref(), Some(first));
+
+    // The TCP connections stay open; only the proof can tell.
+    redis.signal(libc::SIGSTOP);
+    let paused = Instant::now();
+    // Canary every 0.5 s, due back within 1 s: a few intervals.
+    let detected = wait_not_ready(&node, Duration::from_secs(3));
+    let took = paused.elapsed();
+    redis.signal(libc::SIGCONT);
+    assert!(detected, "/readyz still 200 {took:?} after Redis froze");
+    eprintln!("paused Redis detected after {took:?}");
+
+    assert!(node.wait_ready(RECOVER), "ready again after SIGCONT");
+    assert!(node.wait_metric("pushwire_redis_reconnects_total", T, |v| v >= 1.0));
+    let after = r#"{"userId":"42","text":"after"}"#;
+    publish_when_subscribed(&redis, &node, after);
+    assert_eq!(c.recv_text(T).as_deref(), Some(after));
+    assert_eq!(node.metric("pushwire_connections_accepted_total"), 1.0);
+}
+
+#[test]
+fn killed_pubsub_client_is_resubscribed() {
+    let _w = watchdog(30);
+    let redis = Redis::start();
+    let node = Node::with_redis(&redis, &[]);
+    let mut c = node.connect("42");
+    assert_eq!(
+        redis
+            .cmd(&["PUBSUB", "NUMSUB", CHANNEL])
+            .unwrap()
+            .lines()
+            .nth(1),
+        Some("1")
+    );
+
+    let killed = redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+    assert_eq!(killed.trim(), "1", "one subscriber connection killed");
+    assert!(
+        node.wait_metric("pushwire_redis_reconnects_total", RECOVER, |v| v == 1.0),
+        "the subscription is rebuilt and counted"
+    );
+    assert!(node.wait_ready(T));
+    assert_eq!(
+        redis
+            .cmd(&["PUBSUB", "NUMSUB", CHANNEL])
+            .unwrap()
+            .lines()
+            .nth(1),
+        Some("1"),
+        "subscribed again, once"
+    );
+    let n = r#"{"userId":"42","text":"after kill"}"#;
+    publish_when_subscribed(&redis, &node, n);
+    assert_eq!(c.recv_text(T).as_deref(), Some(n));
+    assert_eq!(node.metric("pushwire_connections_accepted_total"), 1.0);
+}
+
+#[test]
+fn redis_with_a_password_and_a_db_works_end_to_end() {
+    let _w = watchdog(30);
+    let redis = Redis::start();
+    // Set after start: Redis::ping (which start waits on) does not log in.
+    // URL-special characters, percent-encoded in the URL.
+    let pw = "s3cr@t:pw/#1";
+    let pw_in_url = "s3cr%40t%3Apw%2F%231";
+    redis
+        .cmd(&["CONFIG", "SET", "requirepass", pw])
+        .expect("set requirepass");
+    let auth = ["-a", pw, "--no-auth-warning"];
+    let url = format!("redis://:{pw_in_url}@127.0.0.1:{}/2", redis.port);
+    let node = node_on_url(&url, &[]);
+    assert!(node.wait_ready(RECOVER), "ready with a password");
+    let mut c = node.connect("42");
+
+    let n1 = r#"{"userId":"42","text":"through an authenticated redis"}"#;
+    assert_eq!(publish_url(&url, CHANNEL, n1.as_bytes()), 1);
+    assert_eq!(c.recv_text(T).as_deref(), Some(n1));
+    // POST /publish logs in too.
+    let n2 = r#"{"userId":"42","text":"via admin"}"#;
+    let (st, body) = node.publish(n2);
+    assert_eq!((st, body.trim()), (202, r#"{"receivers":1}"#));
+    assert_eq!(c.recv_text(T).as_deref(), Some(n2));
+    // And after the subscription is cut, it logs in again.
+    let mut args = auth.to_vec();
+    args.extend(["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert_eq!(redis.cmd(&args).unwrap().trim(), "1");
+    assert!(node.wait_metric("pushwire_redis_reconnects_total", RECOVER, |v| v == 1.0));
+    let n3 = r#"{"userId":"42","text":"after kill"}"#;
+    assert!(wait_until(T, || readyz(&node) == 200));
+    assert_eq!(publish_url(&url, CHANNEL, n3.as_bytes()), 1);
+    assert_eq!(c.recv_text(T).as_deref(), Some(n3));
+    // The password never reaches the log.
+    assert!(
+        !node.log_contains(pw) && !node.log_contains(pw_in_url),
+        "the Redis password was logged"
+    );
+}
+
+#[test]
+fn redis_acl_user_works_and_a_wrong_password_is_not_ready() {
+    let _w = watchdog(30);
+    let redis = Redis::start();
+    // A user that can only do pub/sub and connection housekeeping.
+    redis
+        .cmd(&[
+            "ACL",
+            "SETUSER",
+            "pusher",
+            "on",
+            ">pusher-pw",
+            "resetchannels",
+            "&*",
+            "-@all",
+            "+@pubsub",
+            "+@connection",
+        ])
+        .expect("ACL SETUSER");
+    let url = format!("redis://pusher:pusher-pw@127.0.0.1:{}", redis.port);
+    let node = node_on_url(&url, &[]);
+    assert!(node.wait_ready(RECOVER), "ready as an ACL user");
+    let mut c = node.connect("42");
+    let n1 = r#"{"userId":"42","text":"acl"}"#;
+    assert_eq!(publish_url(&url, CHANNEL, n1.as_bytes()), 1);
+    assert_eq!(c.recv_text(T).as_deref(), Some(n1));
+    let n2 = r#"{"userId":"42","text":"acl via admin"}"#;
+    let (st, body) = node.publish(n2);
+    assert_eq!((st, body.trim()), (202, r#"{"receivers":1}"#));
+    assert_eq!(c.recv_text(T).as_deref(), Some(n2));
+    assert!(
+        !node.log_contains("pusher-pw"),
+        "the Redis password was logged"
+    );
+
+    // The wrong password: running, never ready, says why.
+    let bad = format!("redis://pusher:wrong-pw-123@127.0.0.1:{}", redis.port);
+    let other = node_on_url(&bad, &[]);
+    assert!(
+        !wait_until(Duration::from_secs(2), || readyz(&other) == 200),
+        "ready with a wrong password"
+    );
+    assert_eq!(other.admin_get("/healthz").0, 200);
+    assert_eq!(other.metric("pushwire_redis_connected"), 0.0);
+    let (st, why) = other.admin_get("/readyz");
+    assert_eq!(st, 503);
+    assert!(
+        !why.trim().is_empty(),
+        "a 503 from /readyz gives the reason"
+    );
+    assert!(
+        !other.log_contains("wrong-pw-123"),
+        "the Redis password was logged"
+    );
+}
+
+#[test]
+fn node_started_while_redis_is_down_becomes_ready_when_it_comes_up() {
+    let _w = watchdog(30);
+    let mut redis = Redis::start();
+    redis.kill();
+    let node = node_on_url(&redis.url(), &[]);
+    // Running and serving, not ready.
+    assert_eq!(node.admin_get("/healthz").0, 200);
+    assert_eq!(readyz(&node), 503);
+    assert_eq!(node.metric("pushwire_redis_connected"), 0.0);
+    // Clients may connect meanwhile.
+    let mut c = node.connect("42");
+    assert!(
+        !wait_until(Duration::from_millis(600), || readyz(&node) == 200),
+        "ready while Redis is down"
+    );
+
+    redis.restart();
+    assert!(node.wait_ready(RECOVER), "ready once Redis is up");
+    assert_eq!(node.metric("pushwire_redis_connected"), 1.0);
+    let n = r#"{"userId":"42","text":"hello late redis"}"#;
+    publish_when_subscribed(&redis, &node, n);
+    assert_eq!(c.recv_text(T).as_deref(), Some(n));
+}
