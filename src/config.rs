@@ -272,6 +272,9 @@ fn build(get: impl Fn(&str) -> Option<String>, dev: bool) -> Result<Config, Conf
                 "--jwt-secret and --jwt-secret-file exclude each other: give one".into(),
             ))
         }
+        (Some(s), None) if s.is_empty() => {
+            return Err(err("jwt-secret", "a non-empty HS256 key", &s));
+        }
         (Some(s), None) => c.jwt_key = JwtKey::Inline(s.into_bytes()),
         (None, Some(f)) => {
             let path = PathBuf::from(&f);

@@ -378,7 +378,9 @@ impl Worker {
             return;
         };
         let out = &mut ws.get_mut().out;
-        if out.len() + frame.len() > max {
+        // A frame always fits an empty queue: a notice up to the 1 MiB
+        // notice limit reaches a client that keeps up, whatever the limit.
+        if !out.is_empty() && out.len() + frame.len() > max {
             self.shared
                 .metrics
                 .slow_consumer_closed
