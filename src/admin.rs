@@ -205,6 +205,9 @@ impl Admin {
 
     fn publish(&self, body: &[u8]) -> (u16, Vec<u8>) {
         let shared = &self.shared;
+        if shared.shutting_down.load(Ordering::Acquire) {
+            return (503, json_error("shutting down"));
+        }
         let Some(url) = &shared.config.redis_url else {
             // Standalone: deliver here.
             return match dispatch::handle_payload(shared, body) {

@@ -210,7 +210,12 @@ impl Worker {
                 self.accept_paused_until = None;
                 self.accept(now);
             }
-            if self.shared.shutting_down.load(Ordering::Relaxed) && self.draining_until.is_none() {
+            if self.shared.shutting_down.load(Ordering::Acquire) && self.draining_until.is_none() {
+                // Notices accepted before the signal go out before the 1001.
+                for msg in inbox.try_iter().take(inbox.len()) {
+                    self.on_inbox(msg, now);
+                }
+                self.flush_dirty();
                 self.start_drain(now);
             }
             if now >= next_tick {
