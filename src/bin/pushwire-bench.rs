@@ -149,6 +149,29 @@ fn proc_cpu_ticks(pid: u32) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
+/// utime + stime per thread name (summed over threads of the same name).
+fn proc_thread_ticks(pid: u32, into: &mut BTreeMap<String, u64>) {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        *into.entry(name).or_default() += ticks;
+    }
+}
+
 /// Kernel TCP memory in use (all sockets of the machine), in bytes.
 fn sockstat_mem() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/net/sockstat").ok()?;
@@ -1674,44 +1697,85 @@ struct Window {
     wall: u64,
     me: u64,
     srv: Option<u64>,
+    threads: BTreeMap<String, u64>,
+}
+
+/// A measurement window: seconds, bench CPU %, server CPU % and the
+/// server's per-thread CPU % (percent of one core).
+#[derive(Clone)]
+struct Cpu {
+    secs: f64,
+    bench: f64,
+    server: Option<f64>,
+    threads: BTreeMap<String, f64>,
 }
 
 impl Window {
     fn start(p: &Probe) -> Window {
+        let mut threads = BTreeMap::new();
+        for pid in &p.pids {
+            proc_thread_ticks(*pid, &mut threads);
+        }
         Window {
             wall: mono_ns(),
             me: self_cpu_ns(),
             srv: p.ticks(),
+            threads,
         }
     }
 
-    /// (seconds, bench CPU %, server CPU %), percent of one core.
-    fn end(&self, p: &Probe) -> (f64, f64, Option<f64>) {
+    fn end(&self, p: &Probe) -> Cpu {
         let wall = mono_ns().saturating_sub(self.wall).max(1) as f64;
+        let pct = |ticks: u64| ticks as f64 * 1e9 / clk_tck() as f64 / wall * 100.0;
         let me = self_cpu_ns().saturating_sub(self.me) as f64 / wall * 100.0;
         let srv = match (self.srv, p.ticks()) {
-            (Some(a), Some(b)) => {
-                Some(b.saturating_sub(a) as f64 * 1e9 / clk_tck() as f64 / wall * 100.0)
-            }
+            (Some(a), Some(b)) => Some(pct(b.saturating_sub(a))),
             _ => None,
         };
-        (wall / 1e9, me, srv)
+        let mut now = BTreeMap::new();
+        for pid in &p.pids {
+            proc_thread_ticks(*pid, &mut now);
+        }
+        let threads = now
+            .into_iter()
+            .map(|(k, v)| {
+                let before = self.threads.get(&k).copied().unwrap_or(0);
+                (k, (pct(v.saturating_sub(before)) * 10.0).round() / 10.0)
+            })
+            .filter(|(_, v)| *v > 0.0)
+            .collect();
+        Cpu {
+            secs: wall / 1e9,
+            bench: me,
+            server: srv,
+            threads,
+        }
     }
 }
 
-fn cpu_rows(r: &mut Report, prefix: &str, (secs, me, srv): (f64, f64, Option<f64>)) {
+fn cpu_rows(r: &mut Report, prefix: &str, c: &Cpu) {
     r.row(
         &format!("{prefix} CPU (% of one core)"),
         format!(
             "server {}  bench {:.1}  over {:.1} s",
-            srv.map_or("n/a (give --server-pid)".into(), |s| format!("{s:.1}")),
-            me,
-            secs
+            c.server
+                .map_or("n/a (give --server-pid)".into(), |s| format!("{s:.1}")),
+            c.bench,
+            c.secs
         ),
     );
-    r.set(&format!("{prefix}_server_cpu_pct"), opt_f(srv));
-    r.set(&format!("{prefix}_bench_cpu_pct"), opt_f(Some(me)));
-    r.set(&format!("{prefix}_secs"), opt_f(Some(secs)));
+    if !c.threads.is_empty() {
+        let t: Vec<String> = c
+            .threads
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.1}"))
+            .collect();
+        r.row(&format!("{prefix} server threads %"), t.join(", "));
+    }
+    r.set(&format!("{prefix}_server_cpu_pct"), opt_f(c.server));
+    r.set(&format!("{prefix}_bench_cpu_pct"), opt_f(Some(c.bench)));
+    r.set(&format!("{prefix}_server_threads_pct"), json!(c.threads));
+    r.set(&format!("{prefix}_secs"), (c.secs * 1000.0).round() / 1000.0);
 }
 
 fn barrier(dir: &Option<String>) -> Result<(), String> {
@@ -1821,7 +1885,7 @@ fn connect_rows(r: &mut Report, st: &Stats, n: usize) {
     r.set("failed", st.failed());
     r.set("failures", json!(st.fails));
     r.set("connect_per_s", opt_f(Some(rate)));
-    r.set("connect_secs", opt_f(Some(secs)));
+    r.set("connect_secs", (secs * 1000.0).round() / 1000.0);
     r.set("connect_time", hist_json(&st.connect));
 }
 
@@ -1853,7 +1917,7 @@ fn idle(o: &Opts, storm: bool) -> Result<(), String> {
     let during = w.end(&probe);
     connect_rows(&mut r, &c.stats, o.connections);
     r.set("connect_rate_asked", rate);
-    cpu_rows(&mut r, "connect", during);
+    cpu_rows(&mut r, "connect", &during);
     // Let the loops settle (handshake buffers freed) before measuring.
     std::thread::sleep(Duration::from_secs(2));
     let rss1 = probe.rss();
@@ -1907,7 +1971,7 @@ fn idle(o: &Opts, storm: bool) -> Result<(), String> {
         let secs = o.seconds.unwrap_or(10.0);
         let w = Window::start(&probe);
         std::thread::sleep(Duration::from_secs_f64(secs));
-        cpu_rows(&mut r, "idle", w.end(&probe));
+        cpu_rows(&mut r, "idle", &w.end(&probe));
         if let Some(b) = probe.rss() {
             r.row("server RSS after idle", mib(b));
             r.set("server_rss_after_idle", b);
@@ -1941,7 +2005,7 @@ struct Step {
     misrouted: u64,
     dropped: u64,
     lat: Hist,
-    cpu: (f64, f64, Option<f64>),
+    cpu: Cpu,
     receivers: i64,
 }
 
@@ -1965,8 +2029,9 @@ impl Step {
             "misrouted": self.misrouted,
             "dropped_connections": self.dropped,
             "latency": hist_json(&self.lat),
-            "server_cpu_pct": opt_f(self.cpu.2),
-            "bench_cpu_pct": opt_f(Some(self.cpu.1)),
+            "server_cpu_pct": opt_f(self.cpu.server),
+            "bench_cpu_pct": opt_f(Some(self.cpu.bench)),
+            "server_threads_pct": json!(self.cpu.threads),
             "min_receivers": self.receivers,
         })
     }
@@ -2043,8 +2108,8 @@ fn step_row(s: &Step) -> String {
         s.lost,
         s.dup,
         hist_line(&s.lat),
-        s.cpu.2.map_or("n/a".into(), |c| format!("{c:.0}%")),
-        s.cpu.1
+        s.cpu.server.map_or("n/a".into(), |c| format!("{c:.0}%")),
+        s.cpu.bench
     )
 }
 
@@ -2097,10 +2162,10 @@ fn targeted(o: &Opts, name: &str) -> Result<(), String> {
             ),
         );
         r.row("latency PUBLISH->receipt", hist_line(&s.lat));
-        cpu_rows(&mut r, "publish", s.cpu);
+        cpu_rows(&mut r, "publish", &s.cpu);
         if let Value::Object(m) = s.json() {
             for (k, v) in m {
-                if !k.ends_with("cpu_pct") {
+                if !k.contains("cpu_pct") && !k.contains("threads_pct") {
                     r.json.insert(k, v);
                 }
             }
@@ -2220,7 +2285,7 @@ fn broadcast_rows(r: &mut Report, st: &Stats, m: u64, open: u64) {
     r.set("delivered", delivered);
     r.set("incomplete_notices", incomplete);
     r.set("deliveries_per_s", opt_f(Some(per_s)));
-    r.set("window_secs", opt_f(Some(window)));
+    r.set("window_secs", (window * 1000.0).round() / 1000.0);
     r.set("complete_latency", hist_json(&comp));
     r.set("delivery_latency", hist_json(&st.lat));
 }
@@ -2306,7 +2371,7 @@ fn broadcast(o: &Opts) -> Result<(), String> {
     let cpu = w.end(&probe);
     let st = c.clients.collect(None);
     broadcast_rows(&mut r, &st, m, open);
-    cpu_rows(&mut r, "broadcast", cpu);
+    cpu_rows(&mut r, "broadcast", &cpu);
     life_rows(&mut r, &st);
     c.clients.close_all();
     std::thread::sleep(Duration::from_millis(300));
@@ -2408,7 +2473,7 @@ fn limit(o: &Opts) -> Result<(), String> {
     r.set("rate", rate);
     r.set("batch", o.batch as u64);
     broadcast_rows(&mut r, &st, m, open);
-    cpu_rows(&mut r, "broadcast", cpu);
+    cpu_rows(&mut r, "broadcast", &cpu);
     if let (Some(a), Some(b)) = (rss0, rss1) {
         r.row(
             "writer RSS",
