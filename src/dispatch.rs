@@ -7,7 +7,7 @@
 //! Redis cut it and lose everything). Wakes are coalesced with a flag, so
 //! a burst of notices costs one eventfd write per loop, not one per notice.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -26,7 +26,10 @@ pub enum Inbox {
     Accepted(mio::net::TcpStream, std::net::SocketAddr),
 }
 
-/// Bound of each loop's inbox, in messages.
+/// Bound of each loop's inbox, in messages. The channel itself is
+/// crossbeam's list flavour, which allocates as it fills: the array flavour
+/// would keep all of it resident (1 MiB per loop) on an idle server. The
+/// bound is kept by [`WorkerHandle::queued`].
 pub const INBOX_CAPACITY: usize = 16_384;
 
 pub struct WorkerHandle {
@@ -36,6 +39,8 @@ pub struct WorkerHandle {
     pub wake_pending: Arc<AtomicBool>,
     /// `Shared::now_ms` at the loop's last pass, for the systemd watchdog.
     pub heartbeat: AtomicU64,
+    /// Messages in the inbox; senders refuse at [`INBOX_CAPACITY`].
+    pub queued: Arc<AtomicUsize>,
 }
 
 impl WorkerHandle {
@@ -47,13 +52,18 @@ impl WorkerHandle {
 
     /// Queues without waiting; returns the message when the inbox is full.
     pub fn send(&self, msg: Inbox) -> Result<(), Inbox> {
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= INBOX_CAPACITY {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            self.wake();
+            return Err(msg);
+        }
         match self.tx.try_send(msg) {
             Ok(()) => {
                 self.wake();
                 Ok(())
             }
             Err(TrySendError::Full(m)) | Err(TrySendError::Disconnected(m)) => {
-                self.wake();
+                self.queued.fetch_sub(1, Ordering::AcqRel);
                 Err(m)
             }
         }

@@ -14,7 +14,7 @@
 
 use std::io::{self, Read};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,7 @@ use tungstenite::protocol::{Message, Role, WebSocket, WebSocketConfig};
 
 use crate::auth::{self, Refusal};
 use crate::connection::{Conn, Io, Phase};
-use crate::dispatch::{Inbox, WorkerHandle, INBOX_CAPACITY};
+use crate::dispatch::{Inbox, WorkerHandle};
 use crate::notice;
 use crate::sessions::ConnId;
 use crate::Shared;
@@ -96,7 +96,7 @@ impl Worker {
     pub fn prepare(id: u16) -> io::Result<(Poll, WorkerHandle, Receiver<Inbox>)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let (tx, rx) = crossbeam_channel::bounded(INBOX_CAPACITY);
+        let (tx, rx) = crossbeam_channel::unbounded();
         let _ = id;
         Ok((
             poll,
@@ -105,6 +105,7 @@ impl Worker {
                 waker,
                 wake_pending: Arc::new(AtomicBool::new(false)),
                 heartbeat: AtomicU64::new(0),
+                queued: Arc::new(AtomicUsize::new(0)),
             },
             rx,
         ))
@@ -184,11 +185,8 @@ impl Worker {
                     Token(slot) => self.contain(slot, |w| w.on_event(slot, now)),
                 }
             }
-            // Drain what is queued now, not what arrives while we work.
             self.wake_pending.store(false, Ordering::Release);
-            for msg in inbox.try_iter().take(inbox.len()) {
-                self.on_inbox(msg, now);
-            }
+            self.drain_inbox(&inbox, now);
             for (slot, generation) in std::mem::take(&mut self.again) {
                 if self
                     .conns
@@ -212,9 +210,7 @@ impl Worker {
             }
             if self.shared.shutting_down.load(Ordering::Acquire) && self.draining_until.is_none() {
                 // Notices accepted before the signal go out before the 1001.
-                for msg in inbox.try_iter().take(inbox.len()) {
-                    self.on_inbox(msg, now);
-                }
+                self.drain_inbox(&inbox, now);
                 self.flush_dirty();
                 self.start_drain(now);
             }
@@ -342,6 +338,19 @@ impl Worker {
         });
         // Edge-triggered: data that arrived before registration gave no event.
         self.on_event(slot, now);
+    }
+
+    /// Handles what is queued now, not what arrives while we work.
+    fn drain_inbox(&mut self, inbox: &Receiver<Inbox>, now: Instant) {
+        let n = inbox.len();
+        if n == 0 {
+            return;
+        }
+        let queued = self.shared.workers[self.id as usize].queued.clone();
+        for msg in inbox.try_iter().take(n) {
+            queued.fetch_sub(1, Ordering::AcqRel);
+            self.on_inbox(msg, now);
+        }
     }
 
     fn on_inbox(&mut self, msg: Inbox, now: Instant) {
