@@ -37,7 +37,16 @@ pub fn start(listener: TcpListener, shared: Arc<Shared>) -> io::Result<()> {
         .name("admin".into())
         .spawn(move || {
             for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { continue };
+                let mut stream = match stream {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Out of descriptors: retrying at once would spin
+                        // (and race the loops for the descriptors they free).
+                        log::debug!("admin accept failed: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
                 if admin.active.fetch_add(1, Ordering::AcqRel) >= MAX_CONCURRENT {
                     admin.active.fetch_sub(1, Ordering::AcqRel);
                     let _ = respond(&mut stream, 503, "text/plain", b"busy\n");

@@ -55,6 +55,8 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 const MAX_CONTROL_FRAMES_PER_TICK: u32 = 100;
 /// Pause after an accept error that retrying at once would not fix (EMFILE).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one accept-error line this often, however long the shortage.
+const ACCEPT_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 static PING: &[u8] = &[0x89, 0x00];
 
@@ -80,6 +82,7 @@ pub struct Worker {
     listener: Option<TcpListener>,
     next_loop: usize,
     accept_paused_until: Option<Instant>,
+    last_accept_warning: Option<Instant>,
     /// A spare descriptor, given up to accept-and-close when fds run out.
     reserve_fd: Option<std::fs::File>,
     /// Connections with reads or flushes left over from a capped pass.
@@ -144,6 +147,7 @@ impl Worker {
             listener,
             next_loop: 0,
             accept_paused_until: None,
+            last_accept_warning: None,
             again: Vec::new(),
             dirty: Vec::new(),
             ws_config,
@@ -290,14 +294,22 @@ impl Worker {
                     // and edge triggering sends no new event, so retrying at
                     // once would spin. Spend the reserve fd to accept and
                     // close one (the client learns at once), then pause.
+                    // Close every waiting client, one freed fd at a time.
                     if self.reserve_fd.take().is_some() {
-                        if let Ok((sock, _)) = listener.accept() {
+                        while let Ok((sock, _)) = listener.accept() {
                             drop(sock);
                             self.shared.metrics.reject("limit");
                         }
-                        self.reserve_fd = std::fs::File::open("/dev/null").ok();
                     }
-                    log::warn!("accept failed ({e}); pausing accepts for {ACCEPT_BACKOFF:?}");
+                    // Reopen it (or retry a reserve lost to another thread).
+                    self.reserve_fd = std::fs::File::open("/dev/null").ok();
+                    if self
+                        .last_accept_warning
+                        .is_none_or(|t| now.duration_since(t) >= ACCEPT_WARNING_EVERY)
+                    {
+                        self.last_accept_warning = Some(now);
+                        log::warn!("accept failed ({e}); refusing new connections and retrying every {ACCEPT_BACKOFF:?} (logged at most every {ACCEPT_WARNING_EVERY:?})");
+                    }
                     self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
                     return;
                 }
@@ -480,9 +492,15 @@ impl Worker {
         };
         let mut chunk = [0u8; 2048];
         let mut capped = true;
+        let mut eof = false;
         for _ in 0..MAX_READS_PER_PASS {
             match io.sock.read(&mut chunk) {
-                Ok(0) => return self.remove(slot),
+                Ok(0) => {
+                    // A request followed by a half-close still gets its answer.
+                    eof = true;
+                    capped = false;
+                    break;
+                }
                 Ok(n) => {
                     buf.extend_from_slice(&chunk[..n]);
                     if buf.len() > MAX_REQUEST_BYTES {
@@ -502,6 +520,7 @@ impl Worker {
         }
         let parsed = Request::try_parse(buf);
         match parsed {
+            Ok(None) if eof => self.remove(slot),
             Ok(None) => {}
             Err(WsError::Protocol(ProtocolError::WrongHttpMethod)) => {
                 self.refuse(slot, auth::METHOD, now)

@@ -147,13 +147,16 @@ fn session(client: &Client, shared: &Shared, canary: &str, on_ready: &mut dyn Fn
     let mut outstanding: Option<(u64, Instant)> = None;
     let mut last_proof = Instant::now() - interval;
     let mut ready = false;
+    let mut last_message = Instant::now();
     loop {
         if shared.shutting_down.load(Ordering::Relaxed) {
             return End::Stop;
         }
         let now = Instant::now();
         match outstanding {
-            Some((_, sent)) if now.duration_since(sent) > deadline => {
+            // Silence, not lateness, is the sign of a dead link: the canary
+            // may queue behind a burst that is still being read.
+            Some((_, sent)) if now.duration_since(sent.max(last_message)) > deadline => {
                 shared
                     .metrics
                     .canary_failures
@@ -174,7 +177,10 @@ fn session(client: &Client, shared: &Shared, canary: &str, on_ready: &mut dyn Fn
             _ => {}
         }
         let msg = match ps.get_message() {
-            Ok(m) => m,
+            Ok(m) => {
+                last_message = Instant::now();
+                m
+            }
             Err(e) if e.is_timeout() => continue,
             Err(e) => return lost("read", e),
         };

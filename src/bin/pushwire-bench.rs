@@ -1775,7 +1775,10 @@ fn cpu_rows(r: &mut Report, prefix: &str, c: &Cpu) {
     r.set(&format!("{prefix}_server_cpu_pct"), opt_f(c.server));
     r.set(&format!("{prefix}_bench_cpu_pct"), opt_f(Some(c.bench)));
     r.set(&format!("{prefix}_server_threads_pct"), json!(c.threads));
-    r.set(&format!("{prefix}_secs"), (c.secs * 1000.0).round() / 1000.0);
+    r.set(
+        &format!("{prefix}_secs"),
+        (c.secs * 1000.0).round() / 1000.0,
+    );
 }
 
 fn barrier(dir: &Option<String>) -> Result<(), String> {
@@ -2233,6 +2236,10 @@ fn targeted(o: &Opts, name: &str) -> Result<(), String> {
         }
         r.set("first_failing_rate", opt_f(fail_rate));
     }
+    if let Some(rss) = probe.rss() {
+        r.row("server RSS after traffic", mib(rss));
+        r.set("server_rss_after_traffic", rss);
+    }
     let st = c.clients.collect(None);
     life_rows(&mut r, &st);
     c.clients.close_all();
@@ -2328,6 +2335,10 @@ fn broadcast(o: &Opts) -> Result<(), String> {
         wait_subscribers(url, &o.channel, o.urls.len() as i64)?;
     }
     barrier(&o.barrier)?;
+    if let Some(rss) = probe.rss() {
+        r.row("server RSS", mib(rss));
+        r.set("server_rss", rss);
+    }
     let open = c.clients.open();
     let frames0 = c.clients.frames();
     c.clients.collect(Some(0));
@@ -2372,6 +2383,10 @@ fn broadcast(o: &Opts) -> Result<(), String> {
     let st = c.clients.collect(None);
     broadcast_rows(&mut r, &st, m, open);
     cpu_rows(&mut r, "broadcast", &cpu);
+    if let Some(rss) = probe.rss() {
+        r.row("server RSS after traffic", mib(rss));
+        r.set("server_rss_after_traffic", rss);
+    }
     life_rows(&mut r, &st);
     c.clients.close_all();
     std::thread::sleep(Duration::from_millis(300));
