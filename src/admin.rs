@@ -33,39 +33,81 @@ pub fn start(listener: TcpListener, shared: Arc<Shared>) -> io::Result<()> {
         active: AtomicUsize::new(0),
         redis: Mutex::new(None),
     });
+    // Readiness first, then a non-blocking accept: a blocking accept()
+    // would hold a descriptor slot while it waits, and at the descriptor
+    // limit take the very slot the loops free to turn clients away.
+    listener.set_nonblocking(true)?;
+    let mut listener = mio::net::TcpListener::from_std(listener);
+    let mut poll = mio::Poll::new()?;
+    poll.registry()
+        .register(&mut listener, mio::Token(0), mio::Interest::READABLE)?;
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || {
-            for stream in listener.incoming() {
-                let mut stream = match stream {
-                    Ok(s) => s,
-                    Err(e) => {
-                        // Out of descriptors: retrying at once would spin
-                        // (and race the loops for the descriptors they free).
-                        log::debug!("admin accept failed: {e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                        continue;
+            let mut events = mio::Events::with_capacity(4);
+            // A spare descriptor of the admin's own, so a health check is
+            // still answered when the process is out of descriptors.
+            let mut reserve = std::fs::File::open("/dev/null").ok();
+            loop {
+                if let Err(e) = poll.poll(&mut events, None) {
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        log::error!("admin listener stopped: {e}");
+                        return;
                     }
-                };
-                if admin.active.fetch_add(1, Ordering::AcqRel) >= MAX_CONCURRENT {
-                    admin.active.fetch_sub(1, Ordering::AcqRel);
-                    let _ = respond(&mut stream, 503, "text/plain", b"busy\n");
-                    continue;
                 }
-                let a = admin.clone();
-                let spawned =
-                    std::thread::Builder::new()
-                        .name("admin-req".into())
-                        .spawn(move || {
-                            let _ = a.handle(stream);
-                            a.active.fetch_sub(1, Ordering::AcqRel);
-                        });
-                if spawned.is_err() {
-                    admin.active.fetch_sub(1, Ordering::AcqRel);
+                loop {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            admin.serve(stream);
+                            if reserve.is_none() {
+                                reserve = std::fs::File::open("/dev/null").ok();
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if reserve.is_some() => {
+                            log::debug!("admin accept failed ({e}): using the spare descriptor");
+                            reserve = None;
+                        }
+                        Err(e) => {
+                            // Out of descriptors, spare in use: retrying at
+                            // once would spin and race the loops for the
+                            // descriptors they free.
+                            log::debug!("admin accept failed: {e}");
+                            std::thread::sleep(Duration::from_millis(500));
+                        }
+                    }
                 }
             }
         })?;
     Ok(())
+}
+
+impl Admin {
+    /// Answers one request on its own thread (at most [`MAX_CONCURRENT`]).
+    fn serve(self: &Arc<Self>, stream: mio::net::TcpStream) {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        // SAFETY: the descriptor moves from the mio stream to the std one.
+        let mut stream = unsafe { TcpStream::from_raw_fd(stream.into_raw_fd()) };
+        if stream.set_nonblocking(false).is_err() {
+            return;
+        }
+        if self.active.fetch_add(1, Ordering::AcqRel) >= MAX_CONCURRENT {
+            self.active.fetch_sub(1, Ordering::AcqRel);
+            let _ = respond(&mut stream, 503, "text/plain", b"busy\n");
+            return;
+        }
+        let a = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("admin-req".into())
+            .spawn(move || {
+                let _ = a.handle(stream);
+                a.active.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            self.active.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 fn respond(s: &mut TcpStream, status: u16, content_type: &str, body: &[u8]) -> io::Result<()> {
