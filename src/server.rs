@@ -675,13 +675,16 @@ impl Worker {
         for _ in 0..MAX_READS_PER_PASS {
             match ws.read() {
                 Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => conn.control_frames += 1,
-                // Lets the test suite prove that a panic is contained.
+                // Debug builds only: lets the test suite prove that a panic
+                // is contained and that a stalled loop's inbox overflows
+                // safely. Release builds have no such hooks.
                 #[cfg(debug_assertions)]
-                Ok(Message::Text(t))
-                    if t.as_str() == "__pushwire_test_panic__"
-                        && std::env::var_os("PUSHWIRE_TEST_PANIC").is_some() =>
-                {
-                    panic!("test panic requested by the client")
+                Ok(Message::Text(t)) if std::env::var_os("PUSHWIRE_TEST_HOOKS").is_some() => {
+                    match t.as_str() {
+                        "__pushwire_test_panic__" => panic!("test panic requested by the client"),
+                        "__pushwire_test_stall__" => std::thread::sleep(Duration::from_secs(3)),
+                        _ => {}
+                    }
                 }
                 Ok(Message::Close(_)) => {
                     // tungstenite queued the close reply; send it and finish.

@@ -94,7 +94,7 @@ fn a_panic_in_one_connection_costs_only_that_connection() {
         "--workers",
         "1",
     ])
-    .env("PUSHWIRE_TEST_PANIC", "1");
+    .env("PUSHWIRE_TEST_HOOKS", "1");
     let node = Node::start_cmd(&mut cmd);
     let mut healthy = Client::connect(&node.url("/ws?user=1")).unwrap();
     let mut bad = Client::connect(&node.url("/ws?user=2")).unwrap();
@@ -110,4 +110,73 @@ fn a_panic_in_one_connection_costs_only_that_connection() {
     let mut again = Client::connect(&node.url("/ws?user=3")).unwrap();
     node.publish(r#"{"userId":3}"#);
     assert!(again.recv_text(T).is_some());
+}
+
+#[test]
+fn a_stalled_loop_overflows_its_inbox_safely_and_catches_up() {
+    let _w = watchdog(60);
+    let redis = Redis::start();
+    let mut cmd = std::process::Command::new(BIN);
+    let url = redis.url();
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+    ])
+    .args([
+        "--redis",
+        &url,
+        "--jwt-secret",
+        SECRET,
+        "--canary-interval",
+        "0.5",
+    ])
+    .env("PUSHWIRE_TEST_HOOKS", "1");
+    let node = Node::start_cmd(&mut cmd);
+    assert!(node.wait_ready(T));
+    let mut user = node.connect("42");
+    let mut staller = node.connect("9");
+    staller
+        .ws
+        .send(tungstenite::Message::text("__pushwire_test_stall__"))
+        .unwrap();
+    // The loop sleeps 3 s; the subscriber must go on reading and drop what
+    // the loop's inbox (16384 messages) cannot hold.
+    std::thread::sleep(Duration::from_millis(300));
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut con = client.get_connection().unwrap();
+    let total = 30_000;
+    let mut pipe = redis::pipe();
+    for i in 0..total {
+        pipe.cmd("PUBLISH")
+            .arg(CHANNEL)
+            .arg(format!("{{\"userId\":42,\"n\":{i}}}"))
+            .ignore();
+    }
+    pipe.query::<()>(&mut con).unwrap();
+    // Counted while the loop still sleeps: the subscriber did not wait on it.
+    assert!(node.wait_metric("pushwire_notices_received_total", T, |v| v >= total as f64));
+    let dropped = node.metric("pushwire_notices_dropped_total");
+    assert!(dropped > 0.0, "the inbox did not overflow");
+    assert!(node.admin_get("/readyz").0 == 200, "the subscriber stalled");
+    // The loop catches up: the user gets exactly what was not dropped, in order.
+    let mut got = 0u64;
+    let mut last = -1i64;
+    while let Some(t) = user.recv_text(Duration::from_secs(5)) {
+        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+        let n = v["n"].as_i64().unwrap();
+        assert!(n > last, "out of order: {n} after {last}");
+        last = n;
+        got += 1;
+        if got as f64 + dropped >= total as f64 {
+            break;
+        }
+    }
+    assert_eq!(got as f64 + dropped, total as f64);
+    let n = r#"{"userId":42,"after":"stall"}"#;
+    redis.publish(CHANNEL, n.as_bytes());
+    assert_eq!(user.recv_text(T).as_deref(), Some(n));
 }
