@@ -115,7 +115,7 @@ impl Page {
             // Chromium builds the debugger URL from this Host header.
             let resp = http_raw(
                 addr,
-                &format!("GET /json/list HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+                format!("GET /json/list HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
             );
             let (_, body) = parse_response(resp.as_bytes());
             let Ok(Value::Array(targets)) = serde_json::from_str::<Value>(&body) else {

@@ -10,26 +10,6 @@ use crate::util::*;
 
 const T: Duration = Duration::from_secs(5);
 
-/// Sends raw bytes as one HTTP request and returns everything the server
-/// answered (head and body), tolerating a server that answers and closes
-/// before the whole request was written.
-fn send_raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
-    let _ = s.write_all(request);
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-    String::from_utf8_lossy(&buf).to_string()
-}
-
 /// The value of header `name` (case-insensitive) in a raw HTTP response.
 fn response_header(response: &str, name: &str) -> Option<String> {
     let head = response.split("\r\n\r\n").next()?;
@@ -241,7 +221,7 @@ fn plain_get_without_upgrade_is_400_with_a_proper_http_answer() {
     let n = jwt_node(&[]);
     let t = token("42", None);
     let req = format!("GET /ws?token={t} HTTP/1.1\r\nHost: localhost\r\n\r\n");
-    let resp = send_raw(n.ws, req.as_bytes());
+    let resp = http_raw(n.ws, req.as_bytes());
     let (st, body) = parse_response(resp.as_bytes());
     assert_eq!(st, 400, "{resp}");
     let len: usize = response_header(&resp, "Content-Length")
@@ -268,7 +248,7 @@ fn plain_get_without_upgrade_is_400_with_a_proper_http_answer() {
     let req = format!(
         "GET /ws?token={t} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
     );
-    let resp = send_raw(n.ws, req.as_bytes());
+    let resp = http_raw(n.ws, req.as_bytes());
     assert_eq!(parse_response(resp.as_bytes()).0, 400, "{resp}");
     assert_rejected(&n, &[("bad_request", 2.0)]);
     // The refusals left nothing behind.

@@ -522,7 +522,7 @@ fn dev_serves_the_demo_page_and_proper_statuses_for_other_paths() {
     let get = |path: &str| {
         http_raw(
             node.ws,
-            &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
         )
     };
     let page = get("/?user=7");

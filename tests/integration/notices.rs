@@ -9,26 +9,6 @@ const CHANNEL: &str = "websocket:sendMsgTopic";
 const T: Duration = Duration::from_secs(5);
 const MIB: usize = 1 << 20;
 
-/// Sends raw bytes as one HTTP request and returns everything the server
-/// answered (head and body), tolerating a server that answers and closes
-/// before the whole request was written.
-fn send_raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
-    let _ = s.write_all(request);
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-    String::from_utf8_lossy(&buf).to_string()
-}
-
 /// A valid notice for `user` padded with a string field to exactly `len` bytes.
 fn padded_notice(user: &str, len: usize) -> String {
     let head = format!(r#"{{"userId":"{user}","pad":""#);
@@ -189,7 +169,7 @@ fn post(node: &Node, body: &[u8]) -> (u16, String) {
     )
     .into_bytes();
     req.extend_from_slice(body);
-    let resp = send_raw(node.admin.unwrap(), &req);
+    let resp = http_raw(node.admin.unwrap(), &req);
     parse_response(resp.as_bytes())
 }
 

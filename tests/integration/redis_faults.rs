@@ -10,19 +10,6 @@ const T: Duration = Duration::from_secs(5);
 /// Reconnects back off up to 3 s (plus jitter): room for a couple of tries.
 const RECOVER: Duration = Duration::from_secs(10);
 
-/// PUBLISH through the redis crate on any URL (with credentials, a db).
-fn publish_url(url: &str, channel: &str, payload: &[u8]) -> i64 {
-    let client = redis::Client::open(url).unwrap();
-    let mut c = client
-        .get_connection_with_timeout(Duration::from_secs(5))
-        .unwrap();
-    redis::cmd("PUBLISH")
-        .arg(channel)
-        .arg(payload)
-        .query(&mut c)
-        .unwrap()
-}
-
 /// A pushwire node on `redis_url` (JWT auth, `--canary-interval 0.5`),
 /// not waiting for readiness: for Redis URLs with credentials, or a Redis
 /// that is down.

@@ -140,15 +140,7 @@ impl Redis {
 
     /// PUBLISH through the redis crate (exact bytes); returns the receiver count.
     pub fn publish(&self, channel: &str, payload: &[u8]) -> i64 {
-        let client = redis::Client::open(self.url()).unwrap();
-        let mut c = client
-            .get_connection_with_timeout(Duration::from_secs(5))
-            .unwrap();
-        redis::cmd("PUBLISH")
-            .arg(channel)
-            .arg(payload)
-            .query(&mut c)
-            .unwrap()
+        publish_url(&self.url(), channel, payload)
     }
 
     pub fn kill(&mut self) {
@@ -451,12 +443,7 @@ impl Client {
 
 /// Sends a raw HTTP request and returns the status and body.
 pub fn http(addr: SocketAddr, request: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(request.as_bytes()).unwrap();
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    parse_response(&buf)
+    parse_response(http_raw(addr, request).as_bytes())
 }
 
 pub fn parse_response(buf: &[u8]) -> (u16, String) {
@@ -507,12 +494,20 @@ impl Drop for TempDir {
 }
 
 /// Sends a raw HTTP request and returns the whole response as text.
-pub fn http_raw(addr: SocketAddr, request: &str) -> String {
+pub fn http_raw(addr: SocketAddr, request: impl AsRef<[u8]>) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(request.as_bytes()).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    // The server may answer and close before the whole request is written.
+    let _ = s.write_all(request.as_ref());
     let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
+    let mut chunk = [0u8; 8192];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
     String::from_utf8_lossy(&buf).to_string()
 }
 
@@ -525,4 +520,17 @@ pub fn header_value(response: &str, name: &str) -> Option<String> {
             .eq_ignore_ascii_case(name)
             .then(|| v.trim().to_string())
     })
+}
+
+/// PUBLISH through the redis crate on any URL (with credentials, a db).
+pub fn publish_url(url: &str, channel: &str, payload: &[u8]) -> i64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client
+        .get_connection_with_timeout(Duration::from_secs(5))
+        .unwrap();
+    redis::cmd("PUBLISH")
+        .arg(channel)
+        .arg(payload)
+        .query(&mut c)
+        .unwrap()
 }
