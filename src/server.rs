@@ -259,10 +259,14 @@ impl Worker {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
         if r.is_err() {
             log::error!(
-                "loop {}: a panic while handling conn={slot}; dropping that connection",
+                "loop {}: a panic while handling conn={slot}; closing it with 1011",
                 self.id
             );
-            self.remove(slot);
+            if self.conns.get(slot).is_some_and(Conn::is_open) {
+                self.close(slot, 1011, "internal error", Instant::now());
+            } else {
+                self.remove(slot);
+            }
         }
     }
 

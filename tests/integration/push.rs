@@ -101,6 +101,7 @@ fn a_panic_in_one_connection_costs_only_that_connection() {
     bad.ws
         .send(tungstenite::Message::text("__pushwire_test_panic__"))
         .unwrap();
+    assert_eq!(bad.recv_close(T), Some(1011));
     assert!(node.wait_metric("pushwire_connections", T, |v| v == 1.0));
     assert!(node.log_contains("a panic while handling"));
     let n = r#"{"userId":1,"after":"panic"}"#;
