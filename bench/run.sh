@@ -11,6 +11,7 @@
 #   SIZES="10000" RUNS=3 bench/run.sh
 #   BIG=1 bench/run.sh                # also 50k / 100k: several nodes and
 #                                     # several bench processes on one Redis
+#                                     # (BIG_SPECS="050000:3 100000:6": total:nodes)
 #   bench/run.sh render               # only re-render results.md from bench/raw
 #
 # Why 19000: RLIMIT_NOFILE is capped at 20000 per process on this box, and
@@ -185,9 +186,10 @@ start_nodes() {
         local port admin
         port=$(free_port)
         admin=$(free_port)
-        NODE_CMD="target/release/pushwire --listen 127.0.0.1:PORT --admin-listen 127.0.0.1:ADMIN --redis redis://:***@127.0.0.1:REDIS --jwt-secret $SECRET --workers $WORKERS --log-level warn"
+        local w=${CASE_WORKERS:-$WORKERS}
+        NODE_CMD="target/release/pushwire --listen 127.0.0.1:PORT --admin-listen 127.0.0.1:ADMIN --redis redis://:***@127.0.0.1:REDIS --jwt-secret $SECRET --workers $w --log-level warn"
         "$NODE" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
-            --redis "$REDIS_URL" --jwt-secret "$SECRET" --workers "$WORKERS" \
+            --redis "$REDIS_URL" --jwt-secret "$SECRET" --workers "$w" \
             --log-level warn >>"$TMP/node.log" 2>&1 &
         local pid=$!
         PIDS+=("$pid")
@@ -299,6 +301,9 @@ case_multi() {
         # Release the barrier once every process has connected.
         for _ in $(seq 1 6000); do
             [ "$(ls "$bar" | grep -c '^ready\.')" -ge "$procs" ] && break
+            local alive=0
+            for p in "${bpids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+            [ $alive = 1 ] || break
             sleep 0.1
         done
         touch "$bar/go"
@@ -328,6 +333,7 @@ kernel slab bytes per connection (both ends, noisy)=.kernel_slab_bytes_per_conn
 bench bytes per connection=.bench_bytes_per_conn
 idle server CPU %=.idle_server_cpu_pct
 idle bench CPU %=.idle_bench_cpu_pct
+idle: whole machine busy % (2 cores: 200 max)=.idle_machine_busy_pct
 pings answered=.pings'
 F_CONNECT='open=.open
 failed=.failed
@@ -337,6 +343,7 @@ connect time p99 (ms)=.connect_time.p99_ms
 connect time max (ms)=.connect_time.max_ms
 server CPU % during the storm=.connect_server_cpu_pct
 bench CPU % during the storm=.connect_bench_cpu_pct
+whole machine busy % during the storm=.connect_machine_busy_pct
 server bytes per connection=.server_bytes_per_conn'
 F_TARGETED='sent=.sent
 achieved rate (/s)=.achieved_rate
@@ -349,7 +356,9 @@ latency p99 (ms)=.latency.p99_ms
 latency p99.9 (ms)=.latency.p999_ms
 latency max (ms)=.latency.max_ms
 server CPU %=.publish_server_cpu_pct
-bench CPU %=.publish_bench_cpu_pct'
+server CPU per notice (us)=.server_cpu_us_per_notice
+bench CPU %=.publish_bench_cpu_pct
+whole machine busy %=.publish_machine_busy_pct'
 F_MAX='highest rate with p99 < 10 ms and no loss (/s)=.max_rate
 its p99 (ms)=.max_rate_p99_ms
 first failing rate (/s)=.first_failing_rate'
@@ -362,7 +371,11 @@ until the last connection has it p99 (ms)=.complete_latency.p99_ms
 each delivery p50 (ms)=.delivery_latency.p50_ms
 each delivery p99 (ms)=.delivery_latency.p99_ms
 server (writer) CPU %=.broadcast_server_cpu_pct
-bench CPU %=.broadcast_bench_cpu_pct'
+server (writer) CPU per delivery (us)=.server_cpu_us_per_delivery
+server (writer) write calls=.server_write_calls
+deliveries per write call=.deliveries_per_write
+bench CPU %=.broadcast_bench_cpu_pct
+whole machine busy %=.broadcast_machine_busy_pct'
 
 # ------------------------------------------------------------------ cases
 
@@ -388,6 +401,16 @@ for n in $SIZES; do
         limit --connections "$n" --messages 100 --rate 10
 done
 
+# Same broadcast on a one-loop node: one writer thread, like the bare writer.
+CASE_WORKERS=1 case_one "d-broadcast-10ps-w1-010000" "broadcast, 10000 connections, 100 notices at 10/s, node with --workers 1" "$F_BROADCAST" 1 -- \
+    broadcast --connections 10000 --messages 100 --rate 10
+CASE_WORKERS=1 case_one "d-broadcast-burst-w1-010000" "broadcast, 10000 connections, 100 notices at once, node with --workers 1" "$F_BROADCAST" 1 -- \
+    broadcast --connections 10000 --messages 100
+# The bare writer with pushwire's write pattern for a burst of 100: two
+# writes per connection (its writev takes at most 64 frames).
+case_one "e-limit-burst-b64-010000" "limit: bare writer, 10000 connections, 100 frames at once, 64 frames per write (two writes, as pushwire's 64-iovec writev)" "$F_BROADCAST" 0 -- \
+    limit --connections 10000 --messages 100 --batch 64
+
 case_one "f-targeted-max-010000" "targeted --max, 10000 users: highest rate with p99 < 10 ms, 5 s steps from 5000/s" "$F_MAX" 1 -- \
     targeted --connections 10000 --max --rate 5000 --seconds 5
 case_one "g-two-nodes-010000" "two nodes, 10000 users spread over both, 10000 notices/s for 10 s" "$F_TARGETED" 2 -- \
@@ -397,30 +420,35 @@ if [ "$BIG" = 1 ]; then
     AGG_IDLE='{cmds: map(.cmd), open: (map(.open)|add), failed: (map(.failed)|add),
       connect_per_s: (map(.connect_per_s)|add), connect_time: {p99_ms: (map(.connect_time.p99_ms)|max)},
       server_rss_before: (map(.server_rss_before)|add), server_rss_after: (map(.server_rss_after)|add),
-      server_bytes_per_conn: ((map(.server_rss_after)|add) - (map(.server_rss_before)|add)) / (map(.open)|add),
-      kernel_slab_bytes_per_conn: null, bench_bytes_per_conn: (map(.bench_bytes_per_conn)|add/length),
+      server_bytes_per_conn: (((map(.server_rss_after)|add) - (map(.server_rss_before)|add)) / (map(.open)|add)),
+      kernel_slab_bytes_per_conn: null, bench_bytes_per_conn: (map(.bench_bytes_per_conn // 0)|add/length),
       idle_server_cpu_pct: (map(.idle_server_cpu_pct)|add), idle_bench_cpu_pct: (map(.idle_bench_cpu_pct)|add),
+      idle_machine_busy_pct: (map(.idle_machine_busy_pct // 0)|add/length),
       pings: (map(.pings)|add)}'
     AGG_TARGETED='{cmds: map(.cmd), sent: (map(.sent)|add), achieved_rate: (map(.achieved_rate)|add),
       delivered: (map(.delivered)|add), lost: (map(.lost)|add), duplicated: (map(.duplicated)|add),
       latency: {p50_ms: (map(.latency.p50_ms)|max), p90_ms: (map(.latency.p90_ms)|max),
         p99_ms: (map(.latency.p99_ms)|max), p999_ms: (map(.latency.p999_ms)|max), max_ms: (map(.latency.max_ms)|max)},
-      publish_server_cpu_pct: (map(.publish_server_cpu_pct)|add), publish_bench_cpu_pct: (map(.publish_bench_cpu_pct)|add)}'
+      publish_server_cpu_pct: (map(.publish_server_cpu_pct)|add), publish_bench_cpu_pct: (map(.publish_bench_cpu_pct)|add),
+      publish_machine_busy_pct: (map(.publish_machine_busy_pct // 0)|add/length)}'
     AGG_BROADCAST='{cmds: map(.cmd), expected: (map(.expected)|add), delivered: (map(.delivered)|add),
       window_secs: (map(.window_secs)|max), deliveries_per_s: ((map(.delivered)|add) / (map(.window_secs)|max)),
       complete_latency: {p50_ms: (map(.complete_latency.p50_ms)|max), p99_ms: (map(.complete_latency.p99_ms)|max)},
       delivery_latency: {p50_ms: (map(.delivery_latency.p50_ms)|max), p99_ms: (map(.delivery_latency.p99_ms)|max)},
-      broadcast_server_cpu_pct: (map(.broadcast_server_cpu_pct)|add), broadcast_bench_cpu_pct: (map(.broadcast_bench_cpu_pct)|add)}'
-    for spec in "050000 3" "100000 6"; do
-        set -- $spec
-        n=$((10#$1))
-        k=$2
+      broadcast_server_cpu_pct: (map(.broadcast_server_cpu_pct)|add), broadcast_bench_cpu_pct: (map(.broadcast_bench_cpu_pct)|add),
+      server_write_calls: (map(.server_write_calls // 0)|add),
+      deliveries_per_write: ((map(.delivered)|add) / ([(map(.server_write_calls // 0)|add), 1]|max)),
+      broadcast_machine_busy_pct: (map(.broadcast_machine_busy_pct // 0)|add/length)}'
+    for spec in ${BIG_SPECS:-050000:3 100000:6}; do
+        id=${spec%%:*}
+        k=${spec##*:}
+        n=$((10#$id))
         per=$((n / k))
-        case_multi "h-idle-$1" "idle, $n connections over $k nodes and $k bench processes ($per each), 30 s idle" \
+        case_multi "h-idle-$id" "idle, $n connections over $k nodes and $k bench processes ($per each), 30 s idle" \
             "$F_IDLE" "$k" "$k" "$AGG_IDLE" -- idle --connections "$per" --seconds 30 --connect-rate 2000
-        case_multi "h-targeted-10000-$1" "targeted, $n users over $k nodes and $k bench processes, 10000 notices/s in all (each process publishes to its own users)" \
+        case_multi "h-targeted-10000-$id" "targeted, $n users over $k nodes and $k bench processes, 10000 notices/s in all (each process publishes to its own users)" \
             "$F_TARGETED" "$k" "$k" "$AGG_TARGETED" -- targeted --connections "$per" --rate $((10000 / k)) --seconds 10 --connect-rate 2000
-        case_multi "h-broadcast-burst-$1" "broadcast, $n connections over $k nodes and $k bench processes, 100 notices at once (latencies: the worst process)" \
+        case_multi "h-broadcast-burst-$id" "broadcast, $n connections over $k nodes and $k bench processes, 100 notices at once (latencies: the worst process)" \
             "$F_BROADCAST" "$k" "$k" "$AGG_BROADCAST" -- broadcast --connections "$per" --messages 100 --connect-rate 2000
     done
 fi

@@ -172,6 +172,31 @@ fn proc_thread_ticks(pid: u32, into: &mut BTreeMap<String, u64>) {
     }
 }
 
+/// (busy, total) jiffies of the whole machine, from /proc/stat.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = s.lines().next()?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle), total))
+}
+
+fn ncpu() -> u64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
+}
+
+/// Write-class system calls (write, writev) of a process, from /proc/PID/io.
+fn proc_syscw(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("syscw:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Kernel TCP memory in use (all sockets of the machine), in bytes.
 fn sockstat_mem() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/net/sockstat").ok()?;
@@ -1682,6 +1707,14 @@ impl Probe {
         }
     }
 
+    fn syscw(&self) -> Option<u64> {
+        if self.pids.is_empty() {
+            None
+        } else {
+            self.pids.iter().map(|p| proc_syscw(*p)).sum()
+        }
+    }
+
     fn gauge(&self, name: &str) -> Option<f64> {
         if self.admins.is_empty() {
             return None;
@@ -1698,6 +1731,8 @@ struct Window {
     me: u64,
     srv: Option<u64>,
     threads: BTreeMap<String, u64>,
+    machine: Option<(u64, u64)>,
+    syscw: Option<u64>,
 }
 
 /// A measurement window: seconds, bench CPU %, server CPU % and the
@@ -1708,6 +1743,17 @@ struct Cpu {
     bench: f64,
     server: Option<f64>,
     threads: BTreeMap<String, f64>,
+    /// The whole machine (every process), in % of one core.
+    machine: Option<f64>,
+    /// Write system calls the server made in the window.
+    writes: Option<u64>,
+}
+
+impl Cpu {
+    /// Server CPU time in nanoseconds over the window.
+    fn server_ns(&self) -> Option<f64> {
+        self.server.map(|p| p / 100.0 * self.secs * 1e9)
+    }
 }
 
 impl Window {
@@ -1721,6 +1767,8 @@ impl Window {
             me: self_cpu_ns(),
             srv: p.ticks(),
             threads,
+            machine: machine_ticks(),
+            syscw: p.syscw(),
         }
     }
 
@@ -1744,11 +1792,23 @@ impl Window {
             })
             .filter(|(_, v)| *v > 0.0)
             .collect();
+        let machine = match (self.machine, machine_ticks()) {
+            (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+                Some((b1 - b0) as f64 / (t1 - t0) as f64 * ncpu() as f64 * 100.0)
+            }
+            _ => None,
+        };
+        let writes = match (self.syscw, p.syscw()) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
         Cpu {
             secs: wall / 1e9,
             bench: me,
             server: srv,
             threads,
+            machine,
+            writes,
         }
     }
 }
@@ -1757,10 +1817,12 @@ fn cpu_rows(r: &mut Report, prefix: &str, c: &Cpu) {
     r.row(
         &format!("{prefix} CPU (% of one core)"),
         format!(
-            "server {}  bench {:.1}  over {:.1} s",
+            "server {}  bench {:.1}  whole machine {} ({} cores)  over {:.2} s",
             c.server
                 .map_or("n/a (give --server-pid)".into(), |s| format!("{s:.1}")),
             c.bench,
+            c.machine.map_or("n/a".into(), |m| format!("{m:.0}")),
+            ncpu(),
             c.secs
         ),
     );
@@ -1775,6 +1837,7 @@ fn cpu_rows(r: &mut Report, prefix: &str, c: &Cpu) {
     r.set(&format!("{prefix}_server_cpu_pct"), opt_f(c.server));
     r.set(&format!("{prefix}_bench_cpu_pct"), opt_f(Some(c.bench)));
     r.set(&format!("{prefix}_server_threads_pct"), json!(c.threads));
+    r.set(&format!("{prefix}_machine_busy_pct"), opt_f(c.machine));
     r.set(
         &format!("{prefix}_secs"),
         (c.secs * 1000.0).round() / 1000.0,
@@ -1920,6 +1983,7 @@ fn idle(o: &Opts, storm: bool) -> Result<(), String> {
     let during = w.end(&probe);
     connect_rows(&mut r, &c.stats, o.connections);
     r.set("connect_rate_asked", rate);
+    barrier(&o.barrier)?;
     cpu_rows(&mut r, "connect", &during);
     // Let the loops settle (handshake buffers freed) before measuring.
     std::thread::sleep(Duration::from_secs(2));
@@ -2035,6 +2099,9 @@ impl Step {
             "server_cpu_pct": opt_f(self.cpu.server),
             "bench_cpu_pct": opt_f(Some(self.cpu.bench)),
             "server_threads_pct": json!(self.cpu.threads),
+            "machine_busy_pct": opt_f(self.cpu.machine),
+            "server_write_calls": self.cpu.writes,
+            "server_cpu_us_per_notice": self.cpu.server_ns().map(|ns| ((ns / self.sent.max(1) as f64 / 1e3) * 100.0).round() / 100.0),
             "min_receivers": self.receivers,
         })
     }
@@ -2103,7 +2170,7 @@ fn targeted_step(
 
 fn step_row(s: &Step) -> String {
     format!(
-        "{:>8.0}/s sent {} ({:.0}/s) delivered {} lost {} dup {} | {} | server CPU {} bench {:.0}%",
+        "{:>8.0}/s sent {} ({:.0}/s) delivered {} lost {} dup {} | {} | server CPU {} bench {:.0}% machine {}%",
         s.rate,
         s.sent,
         s.achieved,
@@ -2112,7 +2179,8 @@ fn step_row(s: &Step) -> String {
         s.dup,
         hist_line(&s.lat),
         s.cpu.server.map_or("n/a".into(), |c| format!("{c:.0}%")),
-        s.cpu.bench
+        s.cpu.bench,
+        s.cpu.machine.map_or("n/a".into(), |c| format!("{c:.0}"))
     )
 }
 
@@ -2168,7 +2236,7 @@ fn targeted(o: &Opts, name: &str) -> Result<(), String> {
         cpu_rows(&mut r, "publish", &s.cpu);
         if let Value::Object(m) = s.json() {
             for (k, v) in m {
-                if !k.contains("cpu_pct") && !k.contains("threads_pct") {
+                if !k.contains("cpu_pct") && !k.contains("threads_pct") && !k.contains("machine") {
                     r.json.insert(k, v);
                 }
             }
@@ -2250,7 +2318,7 @@ fn targeted(o: &Opts, name: &str) -> Result<(), String> {
 }
 
 /// Rows for `broadcast` and `limit`: M notices expected on each of `open`.
-fn broadcast_rows(r: &mut Report, st: &Stats, m: u64, open: u64) {
+fn broadcast_rows(r: &mut Report, st: &Stats, m: u64, open: u64, cpu: &Cpu) {
     let expected = m * open;
     let mut comp = Hist::default();
     let mut incomplete = 0;
@@ -2293,6 +2361,23 @@ fn broadcast_rows(r: &mut Report, st: &Stats, m: u64, open: u64) {
     r.set("incomplete_notices", incomplete);
     r.set("deliveries_per_s", opt_f(Some(per_s)));
     r.set("window_secs", (window * 1000.0).round() / 1000.0);
+    if let Some(ns) = cpu.server_ns() {
+        let per = ns / delivered.max(1) as f64 / 1e3;
+        r.row(
+            "server CPU per delivery",
+            format!("{per:.2} us (CPU ticks are 10 ms: rough when the window is short)"),
+        );
+        r.set("server_cpu_us_per_delivery", (per * 100.0).round() / 100.0);
+    }
+    if let Some(w) = cpu.writes {
+        let per = delivered as f64 / w.max(1) as f64;
+        r.row(
+            "server write calls",
+            format!("{w} ({per:.2} deliveries per write/writev call; /proc/PID/io syscw)"),
+        );
+        r.set("server_write_calls", w);
+        r.set("deliveries_per_write", (per * 100.0).round() / 100.0);
+    }
     r.set("complete_latency", hist_json(&comp));
     r.set("delivery_latency", hist_json(&st.lat));
 }
@@ -2381,7 +2466,7 @@ fn broadcast(o: &Opts) -> Result<(), String> {
     );
     let cpu = w.end(&probe);
     let st = c.clients.collect(None);
-    broadcast_rows(&mut r, &st, m, open);
+    broadcast_rows(&mut r, &st, m, open, &cpu);
     cpu_rows(&mut r, "broadcast", &cpu);
     if let Some(rss) = probe.rss() {
         r.row("server RSS after traffic", mib(rss));
@@ -2487,7 +2572,7 @@ fn limit(o: &Opts) -> Result<(), String> {
     r.set("messages", m);
     r.set("rate", rate);
     r.set("batch", o.batch as u64);
-    broadcast_rows(&mut r, &st, m, open);
+    broadcast_rows(&mut r, &st, m, open, &cpu);
     cpu_rows(&mut r, "broadcast", &cpu);
     if let (Some(a), Some(b)) = (rss0, rss1) {
         r.row(
