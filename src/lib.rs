@@ -244,7 +244,12 @@ pub fn run(config: Config) -> Result<(), StartError> {
     let mut events = mio::Events::with_capacity(8);
     let mut drain_started: Option<Instant> = None;
     loop {
-        let tick = watchdog.map_or(Duration::from_secs(1), |w| w.min(Duration::from_secs(1)));
+        let tick = match (drain_started, watchdog) {
+            // Draining: notice the loops' end promptly.
+            (Some(_), _) => Duration::from_millis(10),
+            (None, Some(w)) => w.min(Duration::from_secs(1)),
+            (None, None) => Duration::from_secs(1),
+        };
         if let Err(e) = poll.poll(&mut events, Some(tick)) {
             if e.kind() != io::ErrorKind::Interrupted {
                 return Err(StartError::Io("poll", e));
