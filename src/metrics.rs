@@ -145,7 +145,7 @@ impl Metrics {
         one(
             "pushwire_redis_canary_failures_total",
             "counter",
-            "Canaries that did not come back in time.",
+            "Canaries that could not be published or did not come back in time.",
             self.canary_failures.load(Relaxed),
         );
         one(

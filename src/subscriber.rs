@@ -170,6 +170,11 @@ fn session(client: &Client, shared: &Shared, canary: &str, on_ready: &mut dyn Fn
                     .arg(seq)
                     .query(&mut publisher);
                 if let Err(e) = r {
+                    // A paused Redis usually shows here first: the publish times out.
+                    shared
+                        .metrics
+                        .canary_failures
+                        .fetch_add(1, Ordering::Relaxed);
                     return lost("canary publish", e);
                 }
                 outstanding = Some((seq, now));

@@ -153,7 +153,8 @@ fn resync_notice_goes_to_every_connection_after_a_restart() {
 fn paused_redis_is_detected_by_the_canary_and_recovered() {
     let _w = watchdog(30);
     let redis = Redis::start();
-    let node = Node::with_redis(&redis, &[]);
+    let resync = r#"{"resync":"paused"}"#;
+    let node = Node::with_redis(&redis, &["--resync-notice", resync]);
     let mut c = node.connect("42");
     let first = r#"{"userId":"42","text":"before"}"#;
     publish_when_subscribed(&redis, &node, first);
@@ -171,6 +172,8 @@ fn paused_redis_is_detected_by_the_canary_and_recovered() {
 
     assert!(node.wait_ready(RECOVER), "ready again after SIGCONT");
     assert!(node.wait_metric("pushwire_redis_reconnects_total", T, |v| v >= 1.0));
+    assert!(node.metric("pushwire_redis_canary_failures_total") >= 1.0);
+    assert_eq!(c.recv_text(T).as_deref(), Some(resync), "told to resync");
     let after = r#"{"userId":"42","text":"after"}"#;
     publish_when_subscribed(&redis, &node, after);
     assert_eq!(c.recv_text(T).as_deref(), Some(after));
@@ -181,7 +184,8 @@ fn paused_redis_is_detected_by_the_canary_and_recovered() {
 fn killed_pubsub_client_is_resubscribed() {
     let _w = watchdog(30);
     let redis = Redis::start();
-    let node = Node::with_redis(&redis, &[]);
+    let resync = r#"{"resync":"killed"}"#;
+    let node = Node::with_redis(&redis, &["--resync-notice", resync]);
     let mut c = node.connect("42");
     assert_eq!(
         redis
@@ -208,6 +212,8 @@ fn killed_pubsub_client_is_resubscribed() {
         Some("1"),
         "subscribed again, once"
     );
+    assert_eq!(c.recv_text(T).as_deref(), Some(resync), "told to resync");
+    assert_eq!(node.metric("pushwire_resync_notices_total"), 1.0);
     let n = r#"{"userId":"42","text":"after kill"}"#;
     publish_when_subscribed(&redis, &node, n);
     assert_eq!(c.recv_text(T).as_deref(), Some(n));
