@@ -44,13 +44,19 @@ impl OutQueue {
     /// block (`Ok(false)`; the next WRITABLE event resumes). The loop ends
     /// because each pass either empties the queue or fills the socket.
     pub fn write_to(&mut self, sock: &mut TcpStream) -> io::Result<bool> {
-        while !self.chunks.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-            let n = self.chunks.len().min(MAX_IOVECS);
-            for (slot, chunk) in slices.iter_mut().zip(self.chunks.iter()) {
-                *slot = IoSlice::new(chunk);
-            }
-            match sock.write_vectored(&slices[..n]) {
+        while let Some(front) = self.chunks.front() {
+            let result = if self.chunks.len() == 1 {
+                // The common case (one notice): no iovec array to fill.
+                sock.write(front)
+            } else {
+                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+                let n = self.chunks.len().min(MAX_IOVECS);
+                for (slot, chunk) in slices.iter_mut().zip(self.chunks.iter()) {
+                    *slot = IoSlice::new(chunk);
+                }
+                sock.write_vectored(&slices[..n])
+            };
+            match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(mut written) => {
                     self.bytes -= written;

@@ -430,13 +430,16 @@ impl Worker {
     }
 
     fn flush_dirty(&mut self) {
-        for slot in std::mem::take(&mut self.dirty) {
+        // Flushing marks nothing dirty, so the list is reused, not reallocated.
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for slot in dirty.drain(..) {
             let Some(conn) = self.conns.get_mut(slot) else {
                 continue;
             };
             conn.dirty = false;
             self.flush(slot);
         }
+        self.dirty = dirty;
     }
 
     /// Writes the connection's queue; finishes a closing connection whose
