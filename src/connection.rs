@@ -16,8 +16,9 @@ use bytes::{Buf, Bytes};
 use mio::net::TcpStream;
 use tungstenite::protocol::WebSocket;
 
-/// Most iovecs handed to one `writev`.
-const MAX_IOVECS: usize = 64;
+/// Most iovecs handed to one `writev` (Linux allows 1024); a burst of
+/// notices leaves in a few calls per connection.
+const MAX_IOVECS: usize = 256;
 
 /// Outbound bytes of one connection, in order.
 #[derive(Default)]
