@@ -73,7 +73,7 @@ render_case() {
     jq -r 'if type=="object" and has("cmds") then .cmds[] else .cmd end' <(head -1 "$data")
     echo '```'
     echo
-    echo "Load average before the runs: $load"
+    echo "Conditions: $load"
     echo
     printf '| metric |'
     for i in $(seq 1 "$n"); do printf ' run %d |' "$i"; done
@@ -144,10 +144,15 @@ fi
 # ------------------------------------------------------------------ processes
 
 cargo build --release --bins
+# Snapshot the binaries: others may rebuild target/ while this runs.
+cp "$ROOT/target/release/pushwire" "$ROOT/target/release/pushwire-bench" "$TMP/"
+NODE=$TMP/pushwire
+BENCH=$TMP/pushwire-bench
+BUILD="git $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo '+uncommitted changes'), pushwire sha256 $(sha256sum "$NODE" | cut -c1-12)"
 
 {
-    echo "date:     $(date -u '+%Y-%m-%d %H:%M UTC')"
-    echo "git:      $(git rev-parse --short HEAD)"
+    echo "date:     $(date -u '+%Y-%m-%d %H:%M UTC') (the last run.sh invocation)"
+    echo "build:    $BUILD"
     echo "kernel:   $(uname -r)"
     echo "cpu:      $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
     echo "nproc:    $(nproc)"
@@ -240,7 +245,7 @@ case_one() {
     want "$id" || return 0
     echo "=== $id: $title" >&2
     local data=$RAW/$id.jsonl meta=$RAW/$id.meta load
-    load=$(cut -d' ' -f1-3 /proc/loadavg)
+    load="load average $(cut -d' ' -f1-3 /proc/loadavg) before the runs; $(date -u '+%H:%M UTC'); $BUILD"
     : >"$data"
     local run
     for run in $(seq 1 "$RUNS"); do
@@ -253,7 +258,7 @@ case_one() {
             done
         fi
         "$BENCH" "$@" "${args[@]}" --redis "$REDIS_URL" --json --label "$id" \
-            2>"$TMP/bench.log" | sed "s#$REDIS_PW#***#g" | tail -1 >>"$data" ||
+            2>"$TMP/bench.log" | sed "s#$REDIS_PW#***#g; s#$TMP/#target/release/#g" | tail -1 >>"$data" ||
             tail -5 "$TMP/bench.log" >&2
         if [ "$nodes" != 0 ]; then stop_nodes; fi
     done
@@ -277,7 +282,7 @@ case_multi() {
     want "$id" || return 0
     echo "=== $id: $title" >&2
     local data=$RAW/$id.jsonl meta=$RAW/$id.meta load
-    load=$(cut -d' ' -f1-3 /proc/loadavg)
+    load="load average $(cut -d' ' -f1-3 /proc/loadavg) before the runs; $(date -u '+%H:%M UTC'); $BUILD"
     : >"$data"
     local run per
     per=$(printf '%s\n' "$@" | grep -A1 -- '--connections' | tail -1)
@@ -295,7 +300,7 @@ case_multi() {
             "$BENCH" "$@" --url "${NODE_URLS[$n]}" --server-pid "${NODE_PIDS[$n]}" \
                 --user-offset $((p * per)) --redis "$REDIS_URL" --barrier "$bar" \
                 --json --label "$id.$p" "${extra[@]}" \
-                2>"$TMP/bench.$p.log" | sed "s#$REDIS_PW#***#g" | tail -1 >"$TMP/out.$p.json" &
+                2>"$TMP/bench.$p.log" | sed "s#$REDIS_PW#***#g; s#$TMP/#target/release/#g" | tail -1 >"$TMP/out.$p.json" &
             bpids+=($!)
         done
         # Release the barrier once every process has connected.

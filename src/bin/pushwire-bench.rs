@@ -2551,9 +2551,15 @@ fn limit(o: &Opts) -> Result<(), String> {
         Duration::from_secs_f64(o.drain.max(1.0)),
         cap,
     );
-    let cpu = w.end(&probe);
+    let mut cpu = w.end(&probe);
     let rss1 = probe.rss();
     let done = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+    // The writer sends with send(2), which /proc/PID/io does not count:
+    // take its own count.
+    cpu.writes = done
+        .split(", ")
+        .find_map(|part| part.strip_suffix(" write calls"))
+        .and_then(|n| n.parse().ok());
     let st = c.clients.collect(None);
     r.row(
         "writer",
