@@ -284,6 +284,7 @@ case_multi() {
     local data=$RAW/$id.jsonl meta=$RAW/$id.meta load
     load="load average $(cut -d' ' -f1-3 /proc/loadavg) before the runs; $(date -u '+%H:%M UTC'); $BUILD"
     : >"$data"
+    : >"$RAW/$id.procs"
     local run per
     per=$(printf '%s\n' "$@" | grep -A1 -- '--connections' | tail -1)
     for run in $(seq 1 "$RUNS"); do
@@ -314,6 +315,7 @@ case_multi() {
         touch "$bar/go"
         for p in "${bpids[@]}"; do wait "$p" || true; done
         cat "$TMP"/out.*.json | jq -sc "$agg" >>"$data"
+        cat "$TMP"/out.*.json >>"$RAW/$id.procs"
         rm -f "$TMP"/out.*.json
         stop_nodes
     done
@@ -377,8 +379,8 @@ each delivery p50 (ms)=.delivery_latency.p50_ms
 each delivery p99 (ms)=.delivery_latency.p99_ms
 server (writer) CPU %=.broadcast_server_cpu_pct
 server (writer) CPU per delivery (us)=.server_cpu_us_per_delivery
-server (writer) write calls=.server_write_calls
-deliveries per write call=.deliveries_per_write
+server (writer) writev calls (pushwire: /proc/PID/io syscw, which does not count its single-frame send(2); bare writer: its own count)=.server_write_calls
+deliveries per writev call=.deliveries_per_write
 bench CPU %=.broadcast_bench_cpu_pct
 whole machine busy %=.broadcast_machine_busy_pct'
 

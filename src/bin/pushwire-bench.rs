@@ -2373,7 +2373,7 @@ fn broadcast_rows(r: &mut Report, st: &Stats, m: u64, open: u64, cpu: &Cpu) {
         let per = delivered as f64 / w.max(1) as f64;
         r.row(
             "server write calls",
-            format!("{w} ({per:.2} deliveries per write/writev call; /proc/PID/io syscw)"),
+            format!("{w} ({per:.2} deliveries per call; /proc/PID/io syscw counts write/writev, not send)"),
         );
         r.set("server_write_calls", w);
         r.set("deliveries_per_write", (per * 100.0).round() / 100.0);
