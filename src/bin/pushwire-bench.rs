@@ -2419,14 +2419,16 @@ fn broadcast(o: &Opts) -> Result<(), String> {
     if let Some(url) = &redis {
         wait_subscribers(url, &o.channel, o.urls.len() as i64)?;
     }
+    // Reset before the barrier: another process may publish as soon as it
+    // passes it, and frames counted before a later reset would be lost.
+    let open = c.clients.open();
+    let frames0 = c.clients.frames();
+    c.clients.collect(Some(0));
     barrier(&o.barrier)?;
     if let Some(rss) = probe.rss() {
         r.row("server RSS", mib(rss));
         r.set("server_rss", rss);
     }
-    let open = c.clients.open();
-    let frames0 = c.clients.frames();
-    c.clients.collect(Some(0));
     let pad = pad_text(o.pad);
     let w = Window::start(&probe);
     if let Some(url) = redis {
