@@ -605,7 +605,10 @@ impl Worker {
             expires: identity.expires,
         };
         conn.last_rx = now;
-        conn.last_ping = now;
+        // The first ping comes `ping_skew` later than the interval, so that
+        // connections opened together (a reconnect storm after a deploy)
+        // are not all pinged in the same tick ever after.
+        conn.last_ping = now + ping_skew(conn.generation, &self.shared.config);
         // Frames sent right behind the request are already buffered.
         self.read_frames(slot, now);
     }
@@ -895,6 +898,21 @@ impl Worker {
     }
 }
 
+/// How much later than `--ping-interval` a connection gets its first ping:
+/// spread evenly (golden-ratio steps over the loop's connection counter) over
+/// a quarter of the interval, and never so much that the idle timeout comes
+/// before the ping. A round of pings then costs a loop a few hundred sends
+/// per tick instead of one send per connection in a single tick.
+pub(crate) fn ping_skew(generation: u32, c: &crate::config::Config) -> Duration {
+    let room = c
+        .ping_interval
+        .div_f64(4.0)
+        .min(c.idle_timeout.saturating_sub(c.ping_interval) / 2);
+    let fraction = (u64::from(generation).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64
+        / (1u64 << 53) as f64;
+    room.mul_f64(fraction)
+}
+
 enum Queued {
     Yes,
     /// The queue would pass `--max-queue-bytes`: a slow consumer to cut.
@@ -930,4 +948,35 @@ fn queue_frame(
 
 fn conn_label(slot: usize, conn: &Conn) -> String {
     format!("{slot}.{}", conn.generation)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ping_skew_spreads_first_pings_over_a_quarter_interval() {
+        let c = crate::config::Config::default();
+        let room = c.ping_interval / 4;
+        let mut buckets = [0u32; 10];
+        for g in 1..=1000u32 {
+            let s = ping_skew(g, &c);
+            assert!(s < room, "{s:?}");
+            buckets[(s.as_secs_f64() / room.as_secs_f64() * 10.0) as usize] += 1;
+        }
+        assert!(
+            buckets.iter().all(|&n| (80..=120).contains(&n)),
+            "{buckets:?}"
+        );
+    }
+
+    #[test]
+    fn ping_skew_never_lets_the_idle_timeout_come_first() {
+        let mut c = crate::config::Config::default();
+        c.ping_interval = Duration::from_secs(25);
+        c.idle_timeout = Duration::from_secs(26);
+        for g in 1..=1000u32 {
+            assert!(ping_skew(g, &c) <= Duration::from_millis(500));
+        }
+    }
 }

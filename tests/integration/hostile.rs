@@ -482,6 +482,66 @@ fn slowloris_handshakes_are_dropped_at_the_handshake_timeout() {
 }
 
 #[test]
+fn connections_opened_together_are_not_all_pinged_in_the_same_tick() {
+    // A reconnect storm opens every connection at once. Were they all pinged
+    // in one tick, a loop would write thousands of pings before it looked at
+    // its inbox again (bench/ping-round.sh measured p99.9 5 -> 32 ms).
+    let _w = watchdog(60);
+    let node = Node::start(&[
+        "--dev",
+        "--workers",
+        "1",
+        "--ping-interval",
+        "8",
+        "--idle-timeout",
+        "60",
+    ]);
+    let conns: Vec<TcpStream> = (0..48)
+        .map(|i| raw_ws(node.ws, &format!("/ws?user=p{i}"), None))
+        .collect();
+    let opened = Instant::now();
+    let readers: Vec<_> = conns
+        .into_iter()
+        .map(|mut s| {
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+                let (first, _) = read_server_frame(&mut s).expect("a ping within 15 s");
+                assert_eq!(first & 0x0f, 0x9, "the first frame is a ping");
+                Instant::now()
+            })
+        })
+        .collect();
+    let mut at: Vec<Duration> = readers
+        .into_iter()
+        .map(|r| r.join().unwrap().duration_since(opened))
+        .collect();
+    at.sort();
+    // Ticks are 500 ms apart: pings that left in the same tick arrive within
+    // a few ms of each other. Count the bursts.
+    let bursts = 1 + at
+        .windows(2)
+        .filter(|w| w[1] - w[0] > Duration::from_millis(250))
+        .count();
+    eprintln!(
+        "first pings: {bursts} bursts, from {:?} to {:?}",
+        at[0],
+        at[at.len() - 1]
+    );
+    assert!(
+        at[0] >= Duration::from_millis(7500),
+        "no ping before the interval: {at:?}"
+    );
+    assert!(
+        at[at.len() - 1] <= Duration::from_millis(10_800),
+        "every first ping within a quarter interval (plus a tick) after it: {at:?}"
+    );
+    assert!(
+        bursts >= 3,
+        "the first pings are spread over several ticks: {at:?}"
+    );
+}
+
+#[test]
 fn a_client_that_never_answers_pings_is_dropped_after_the_idle_timeout() {
     let _w = watchdog(60);
     let node = Node::start(&["--dev", "--ping-interval", "0.5", "--idle-timeout", "1.5"]);
