@@ -53,6 +53,10 @@ const READ_BUFFER_BYTES: usize = 512;
 const MAX_EXTRA_DRAINS: usize = 4;
 /// How long a closing connection may take to flush and answer with EOF.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// Consecutive broadcast frames are joined into buffers of at most this size
+/// (and never more than `--max-queue-bytes`).
+const BROADCAST_BATCH_BYTES: usize = 64 * 1024;
+
 /// A client sending more control frames than this per tick is cut (1008).
 const MAX_CONTROL_FRAMES_PER_TICK: u32 = 100;
 /// Pause after an accept error that retrying at once would not fix (EMFILE).
@@ -373,10 +377,60 @@ impl Worker {
             return;
         }
         let queued = self.shared.workers[self.id as usize].queued.clone();
+        // Consecutive broadcasts (a burst) are joined into one buffer: each
+        // connection is then visited once per batch, takes one chunk, and
+        // the batch leaves in one write, however many notices it holds.
+        let limit = BROADCAST_BATCH_BYTES.min(self.shared.config.max_queue_bytes);
+        let mut batch: Vec<u8> = Vec::new();
+        let mut batched = 0u64;
         for msg in inbox.try_iter().take(n) {
             queued.fetch_sub(1, Ordering::AcqRel);
-            self.on_inbox(msg, now);
+            match msg {
+                Inbox::All(frame) if batch.len() + frame.len() <= limit => {
+                    batch.extend_from_slice(&frame);
+                    batched += 1;
+                }
+                Inbox::All(frame) => {
+                    if batched > 0 {
+                        self.broadcast(std::mem::take(&mut batch), batched, now);
+                    }
+                    if frame.len() <= limit {
+                        batch.extend_from_slice(&frame);
+                        batched = 1;
+                    } else {
+                        self.broadcast(frame.to_vec(), 1, now);
+                        batched = 0;
+                    }
+                }
+                other => {
+                    if batched > 0 {
+                        self.broadcast(std::mem::take(&mut batch), batched, now);
+                        batched = 0;
+                    }
+                    self.on_inbox(other, now);
+                }
+            }
         }
+        if batched > 0 {
+            self.broadcast(batch, batched, now);
+        }
+    }
+
+    /// Queues `frames` (`count` whole frames, one buffer of this loop's own:
+    /// the loops would otherwise bounce one reference count between cores on
+    /// every delivery) for every open connection.
+    fn broadcast(&mut self, frames: Vec<u8>, count: u64, now: Instant) {
+        let max = self.shared.config.max_queue_bytes;
+        let frames = Bytes::from(frames);
+        let mut cut = Vec::new();
+        for (slot, conn) in self.conns.iter_mut() {
+            match queue_frame(conn, slot, &frames, max, &mut self.dirty) {
+                Queued::Yes => self.delivered += count,
+                Queued::Full => cut.push(slot),
+                Queued::NotOpen => {}
+            }
+        }
+        self.cut_slow(cut, now);
     }
 
     fn on_inbox(&mut self, msg: Inbox, now: Instant) {
@@ -399,20 +453,13 @@ impl Worker {
                     }
                 }
             }
-            Inbox::All(shared_frame) => {
-                // A copy of our own: the loops would otherwise bounce one
-                // reference count between cores on every delivery.
-                let frame = Bytes::copy_from_slice(&shared_frame);
-                drop(shared_frame);
-                for (slot, conn) in self.conns.iter_mut() {
-                    match queue_frame(conn, slot, &frame, max, &mut self.dirty) {
-                        Queued::Yes => self.delivered += 1,
-                        Queued::Full => cut.push(slot),
-                        Queued::NotOpen => {}
-                    }
-                }
-            }
+            Inbox::All(frame) => self.broadcast(frame.to_vec(), 1, now),
         }
+        self.cut_slow(cut, now);
+    }
+
+    fn cut_slow(&mut self, cut: Vec<usize>, now: Instant) {
+        let max = self.shared.config.max_queue_bytes;
         for slot in cut {
             self.shared
                 .metrics

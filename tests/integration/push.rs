@@ -181,3 +181,51 @@ fn a_stalled_loop_overflows_its_inbox_safely_and_catches_up() {
     redis.publish(CHANNEL, n.as_bytes());
     assert_eq!(user.recv_text(T).as_deref(), Some(n));
 }
+
+#[test]
+fn a_pipelined_burst_of_broadcasts_and_targeted_notices_arrives_whole_and_in_order() {
+    // The loop joins consecutive broadcasts into one buffer per batch: each
+    // notice must still be its own frame, byte for byte, in publish order,
+    // with targeted notices in their places and batches cut at any size.
+    let _w = watchdog(60);
+    let redis = Redis::start();
+    let node = Node::with_redis(&redis, &["--workers", "1"]);
+    let mut a = node.connect("a");
+    let mut b = node.connect("b");
+    assert!(node.wait_metric("pushwire_connections", T, |v| v == 2.0));
+    let notices: Vec<String> = (0..1000)
+        .map(|i| match i {
+            _ if i % 7 == 3 => format!(r#"{{"userId":"a","seq":{i}}}"#),
+            500 | 501 => format!(
+                r#"{{"broadcast":true,"seq":{i},"pad":"{}"}}"#,
+                "y".repeat(70_000)
+            ),
+            _ => format!(
+                r#"{{"broadcast":true,"seq":{i},"pad":"{}"}}"#,
+                "x".repeat(i % 300)
+            ),
+        })
+        .collect();
+    let mut con = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection_with_timeout(T)
+        .unwrap();
+    let mut pipe = redis::pipe();
+    for n in &notices {
+        pipe.cmd("PUBLISH").arg(CHANNEL).arg(n).ignore();
+    }
+    pipe.query::<()>(&mut con).unwrap();
+    for n in &notices {
+        assert_eq!(a.recv_text(T).as_deref(), Some(n.as_str()));
+    }
+    for n in notices.iter().filter(|n| n.contains("broadcast")) {
+        assert_eq!(b.recv_text(T).as_deref(), Some(n.as_str()));
+    }
+    a.expect_nothing(QUIET);
+    b.expect_nothing(QUIET);
+    let broadcasts = notices.iter().filter(|n| n.contains("broadcast")).count();
+    assert_eq!(
+        node.metric("pushwire_messages_delivered_total"),
+        (notices.len() + broadcasts) as f64
+    );
+}
