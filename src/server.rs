@@ -1019,9 +1019,11 @@ mod tests {
 
     #[test]
     fn ping_skew_never_lets_the_idle_timeout_come_first() {
-        let mut c = crate::config::Config::default();
-        c.ping_interval = Duration::from_secs(25);
-        c.idle_timeout = Duration::from_secs(26);
+        let c = crate::config::Config {
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(26),
+            ..Default::default()
+        };
         for g in 1..=1000u32 {
             assert!(ping_skew(g, &c) <= Duration::from_millis(500));
         }
