@@ -51,6 +51,9 @@ const MAX_REQUEST_BYTES: usize = 8 * 1024;
 const READ_BUFFER_BYTES: usize = 512;
 /// Extra inbox drains before a pass's flush, while notices keep coming.
 const MAX_EXTRA_DRAINS: usize = 4;
+
+/// While flushing, the inbox is drained again after this many connections.
+const FLUSH_DRAIN_EVERY: usize = 64;
 /// How long a closing connection may take to flush and answer with EOF.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// Consecutive broadcast frames are joined into buffers of at most this size
@@ -214,7 +217,7 @@ impl Worker {
                 }
                 self.drain_inbox(&inbox, now);
             }
-            self.flush_dirty();
+            self.flush_dirty(&inbox, now);
             if self.delivered > 0 {
                 self.shared
                     .metrics
@@ -229,7 +232,7 @@ impl Worker {
             if self.shared.shutting_down.load(Ordering::Acquire) && self.draining_until.is_none() {
                 // Notices accepted before the signal go out before the 1001.
                 self.drain_inbox(&inbox, now);
-                self.flush_dirty();
+                self.flush_dirty(&inbox, now);
                 self.start_drain(now);
             }
             if now >= next_tick {
@@ -476,9 +479,27 @@ impl Worker {
         }
     }
 
-    fn flush_dirty(&mut self) {
-        // Flushing marks nothing dirty, so the list is reused, not reallocated.
+    /// Writes every connection with something queued. A flush of thousands
+    /// of connections takes milliseconds, and the rest of a burst arrives
+    /// meanwhile: every [`FLUSH_DRAIN_EVERY`] connections the inbox is
+    /// drained again, so the connections not yet written take the new
+    /// notices in the same write (those already written get one more write,
+    /// in a second round). Nothing waits for more to come.
+    fn flush_dirty(&mut self, inbox: &Receiver<Inbox>, now: Instant) {
         let mut dirty = std::mem::take(&mut self.dirty);
+        for (i, slot) in dirty.drain(..).enumerate() {
+            if i % FLUSH_DRAIN_EVERY == FLUSH_DRAIN_EVERY - 1 && !inbox.is_empty() {
+                self.drain_inbox(inbox, now);
+            }
+            let Some(conn) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            conn.dirty = false;
+            self.flush(slot);
+        }
+        // The second round drains nothing, so it ends; the lists swap
+        // rather than reallocate.
+        std::mem::swap(&mut dirty, &mut self.dirty);
         for slot in dirty.drain(..) {
             let Some(conn) = self.conns.get_mut(slot) else {
                 continue;
