@@ -130,13 +130,22 @@ fn resync_notice_goes_to_every_connection_after_a_restart() {
         c.expect_nothing(Duration::from_millis(100));
     }
 
+    let killed = Instant::now();
     redis.kill();
     assert!(wait_not_ready(&node, T));
+    let detected = killed.elapsed();
+    let restarted = Instant::now();
     redis.restart();
     assert!(node.wait_ready(RECOVER));
+    let ready = restarted.elapsed();
     for (i, c) in clients.iter_mut().enumerate() {
         assert_eq!(c.recv_text(T).as_deref(), Some(resync), "client {i}");
     }
+    eprintln!(
+        "redis killed: not ready after {detected:?}; restarted: ready after {ready:?}, \
+         resync at all 4 clients after {:?}",
+        restarted.elapsed()
+    );
     assert_eq!(node.metric("pushwire_resync_notices_total"), 1.0);
     assert_eq!(node.metric("pushwire_redis_reconnects_total"), 1.0);
     // Once only, and normal delivery follows.
@@ -170,7 +179,12 @@ fn paused_redis_is_detected_by_the_canary_and_recovered() {
     assert!(detected, "/readyz still 200 {took:?} after Redis froze");
     eprintln!("paused Redis detected after {took:?}");
 
+    let resumed = Instant::now();
     assert!(node.wait_ready(RECOVER), "ready again after SIGCONT");
+    eprintln!(
+        "paused Redis: ready again {:?} after SIGCONT",
+        resumed.elapsed()
+    );
     assert!(node.wait_metric("pushwire_redis_reconnects_total", T, |v| v >= 1.0));
     assert!(node.metric("pushwire_redis_canary_failures_total") >= 1.0);
     assert_eq!(c.recv_text(T).as_deref(), Some(resync), "told to resync");
@@ -196,6 +210,7 @@ fn killed_pubsub_client_is_resubscribed() {
         Some("1")
     );
 
+    let t0 = Instant::now();
     let killed = redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
     assert_eq!(killed.trim(), "1", "one subscriber connection killed");
     assert!(
@@ -213,6 +228,10 @@ fn killed_pubsub_client_is_resubscribed() {
         "subscribed again, once"
     );
     assert_eq!(c.recv_text(T).as_deref(), Some(resync), "told to resync");
+    eprintln!(
+        "CLIENT KILL TYPE pubsub: resubscribed and resync received after {:?}",
+        t0.elapsed()
+    );
     assert_eq!(node.metric("pushwire_resync_notices_total"), 1.0);
     let n = r#"{"userId":"42","text":"after kill"}"#;
     publish_when_subscribed(&redis, &node, n);
