@@ -20,24 +20,12 @@ WORKERS=${WORKERS:-2}
 BENCH=${BENCH:-target/release/pushwire-bench}
 [ -x "$BENCH" ] || cargo build --release --bin pushwire-bench
 OUT=bench/raw/ab-$(date -u +%Y%m%dT%H%M).jsonl
-TMP=$(mktemp -d /tmp/pushwire-ab.XXXXXX)
 PW=ab-only-pw
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT INT TERM
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
+BENCH_TAG=ab
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 ulimit -n "$(ulimit -Hn)"
-RP=$(free_port)
-redis-server --port "$RP" --bind 127.0.0.1 --save '' --appendonly no --requirepass "$PW" \
-    --rename-command SHUTDOWN '' >/dev/null 2>&1 &
-PIDS+=($!)
-REDIS="redis://:$PW@127.0.0.1:$RP"
-sleep 0.5
+start_redis
 echo "A: $A (sha256 $(sha256sum "$A" | cut -c1-12))" >&2
 echo "B: $B (sha256 $(sha256sum "$B" | cut -c1-12))" >&2
 echo "bench: $BENCH $*; $(nproc) cores; load $(cut -d' ' -f1-3 /proc/loadavg)" >&2

@@ -15,31 +15,18 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 RUNS=${RUNS:-3}
 RAW=$ROOT/bench/raw
-TMP=$(mktemp -d /tmp/pushwire-ping.XXXXXX)
 PW=b3nch-only-pw
 mkdir -p "$RAW"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT INT TERM
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
+BENCH_TAG=ping
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 cargo build --release --bins
 cp target/release/pushwire target/release/pushwire-bench "$TMP/"
 BUILD="git $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo '+uncommitted changes'), pushwire sha256 $(sha256sum "$TMP/pushwire" | cut -c1-12)"
 ulimit -n "$(ulimit -Hn)"
 
-RP=$(free_port)
-redis-server --port "$RP" --bind 127.0.0.1 --save '' --appendonly no --requirepass "$PW" \
-    --rename-command SHUTDOWN '' >/dev/null 2>&1 &
-PIDS+=($!)
-REDIS="redis://:$PW@127.0.0.1:$RP"
-sleep 0.5
+start_redis
 
 F='latency p50 (ms)=.latency.p50_ms
 latency p99 (ms)=.latency.p99_ms
