@@ -497,10 +497,11 @@ impl Worker {
             conn.dirty = false;
             self.flush(slot);
         }
-        // The second round drains nothing, so it ends; the lists swap
-        // rather than reallocate.
-        std::mem::swap(&mut dirty, &mut self.dirty);
-        for slot in dirty.drain(..) {
+        // The second round drains nothing, so it ends. Flushing marks
+        // nothing dirty, so the first list (and its capacity) is kept for
+        // the next pass: no allocation per pass.
+        let again = std::mem::take(&mut self.dirty);
+        for slot in again {
             let Some(conn) = self.conns.get_mut(slot) else {
                 continue;
             };
