@@ -4,28 +4,64 @@
 //! waiting on them. It does not trust an open TCP socket: every
 //! `--canary-interval` it publishes a canary on a channel of its own, which
 //! it also subscribes to; a canary that does not come back in time means
-//! the subscription is dead (Redis paused, a half-open link, a failover),
-//! and the link is rebuilt. Readiness follows the canary. Reconnects back
+//! the subscription is silent (Redis paused, a half-open link, a failover),
+//! and a new link is built. Readiness follows the canary. Reconnects back
 //! off exponentially with jitter, capped at a few seconds.
+//!
+//! A silent link is not thrown away: Redis may only be paused, with the
+//! notices published meanwhile still on their way to it. It is kept and read
+//! while the new link is built, and then stitched to it: the first canary
+//! of the new link marks the seam, the old link is read up to that canary
+//! and the new one after it, so each notice is delivered once. Only when the
+//! old link never brings the marker (it was really dead) may notices have
+//! been lost, and only then is `--resync-notice` sent, as after a link that
+//! closed or reset.
 
+use std::mem::ManuallyDrop;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::{Client, RedisError};
+use redis::{Client, Connection, Msg, RedisResult, Value};
 
 use crate::{dispatch, notice, Shared};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Read and write timeout of commands (SUBSCRIBE, the canary's PUBLISH).
+const IO_TIMEOUT: Duration = Duration::from_secs(1);
 /// Read timeout on the subscription: how often the thread looks up from
-/// `get_message` to send canaries and check for shutdown.
+/// its reads to send canaries and check for shutdown.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
 
+/// One link to Redis: a connection for the canary's PUBLISH and a
+/// subscribed one.
+struct Link {
+    publisher: Connection,
+    sub: Connection,
+}
+
 enum End {
     Stop,
-    Lost(String),
+    /// Nothing more will come on the link (refused, closed, reset).
+    Dead(String),
+    /// The canary did not come back: the subscription is kept for the
+    /// stitch.
+    Silent(String, Connection),
+}
+
+struct State {
+    ever_ready: bool,
+    /// Notices may have been lost since the last proven link: a resync
+    /// notice is due when the next one is proven.
+    lost: bool,
+    /// The last canary sequence number sent, over all links.
+    seq: u64,
+    /// A silent subscription, read until the next link's first canary.
+    held: Option<Connection>,
+    /// The current link's canary came back at least once.
+    proven: bool,
 }
 
 pub fn run(url: String, shared: Arc<Shared>) {
@@ -39,53 +75,57 @@ pub fn run(url: String, shared: Arc<Shared>) {
     };
     let canary = format!("pushwire:canary:{:016x}", random_u64());
     let mut backoff = BACKOFF_MIN;
-    let mut was_lost = false;
-    let mut ever_ready = false;
+    let mut st = State {
+        ever_ready: false,
+        lost: false,
+        seq: 0,
+        held: None,
+        proven: false,
+    };
+    let mut unavailable = false;
     while !shared.shutting_down.load(Ordering::Relaxed) {
-        let mut became_ready = false;
-        let end = session(&client, &shared, &canary, &mut || {
-            became_ready = true;
-            if ever_ready {
+        st.proven = false;
+        let end = match open_link(&client, &shared, &canary) {
+            Ok(link) => session(link, &shared, &canary, &mut st),
+            Err(why) => End::Dead(why),
+        };
+        set_ready(&shared, false);
+        let why = match end {
+            End::Stop => break,
+            End::Dead(why) => {
+                if st.proven {
+                    st.lost = true;
+                }
+                why
+            }
+            End::Silent(why, sub) => {
                 shared
                     .metrics
-                    .redis_reconnects
+                    .canary_failures
                     .fetch_add(1, Ordering::Relaxed);
-                log::info!("redis: subscription restored on {}", shared.config.channel);
-            } else {
-                log::info!(
-                    "redis: subscribed to {} (canary {canary})",
-                    shared.config.channel
-                );
-            }
-            set_ready(&shared, true);
-            if was_lost {
-                if let Some(text) = &shared.config.resync_notice {
-                    shared.metrics.resync_sent.fetch_add(1, Ordering::Relaxed);
-                    dispatch::broadcast_frame(&shared, notice::text_frame(text.as_bytes()));
-                }
-            }
-            ever_ready = true;
-            was_lost = false;
-        });
-        set_ready(&shared, false);
-        match end {
-            End::Stop => break,
-            End::Lost(why) => {
-                if became_ready || !was_lost {
-                    log::warn!("redis: subscription lost: {why}; reconnecting");
+                if st.held.is_none() {
+                    st.held = Some(sub);
                 } else {
-                    log::debug!("redis: still unavailable: {why}");
+                    // The link before it is still held: that one has the
+                    // older notices, and this one never carried any.
+                    st.lost = true;
                 }
-                if became_ready {
-                    backoff = BACKOFF_MIN;
-                }
-                was_lost = true;
+                why
             }
+        };
+        if st.proven || !unavailable {
+            log::warn!("redis: subscription lost: {why}; reconnecting");
+        } else {
+            log::debug!("redis: still unavailable: {why}");
+        }
+        unavailable = true;
+        if st.proven {
+            backoff = BACKOFF_MIN;
         }
         // Jitter: somewhere between half and all of the backoff.
-        let sleep = backoff / 2
+        let pause = backoff / 2
             + Duration::from_millis(random_u64() % (backoff.as_millis() as u64 / 2 + 1));
-        sleep_unless_stopping(&shared, sleep);
+        wait_reading_held(&shared, &canary, &mut st, pause);
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
     log::debug!("redis: subscriber stopped");
@@ -99,54 +139,136 @@ fn set_ready(shared: &Shared, ready: bool) {
         .store(ready as u64, Ordering::Relaxed);
 }
 
-fn sleep_unless_stopping(shared: &Shared, d: Duration) {
+/// The next message on a subscribed connection (`Err` with `is_timeout()`
+/// after [`POLL_INTERVAL`] without one).
+fn next_message(sub: &mut Connection) -> RedisResult<Msg> {
+    // A `PubSub` would unsubscribe when dropped (and wait for Redis to
+    // answer): this one only reads, and is never dropped.
+    let mut ps = ManuallyDrop::new(sub.as_pubsub());
+    ps.get_message()
+}
+
+fn open_link(client: &Client, shared: &Shared, canary: &str) -> Result<Link, String> {
+    let connect = || {
+        client
+            .get_connection_with_timeout(CONNECT_TIMEOUT)
+            .map_err(|e| format!("connect: {e}"))
+    };
+    let publisher = connect()?;
+    let mut sub = connect()?;
+    let io = Some(IO_TIMEOUT);
+    publisher
+        .set_read_timeout(io)
+        .and_then(|_| publisher.set_write_timeout(io))
+        .and_then(|_| sub.set_write_timeout(io))
+        .and_then(|_| sub.set_read_timeout(io))
+        .map_err(|e| format!("socket options: {e}"))?;
+    // One command: Redis writes both confirmations back to back, so no
+    // message can come between them.
+    let subscribe = redis::cmd("SUBSCRIBE")
+        .arg(&shared.config.channel)
+        .arg(canary)
+        .get_packed_command();
+    sub.send_packed_command(&subscribe)
+        .map_err(|e| format!("subscribe: {e}"))?;
+    for _ in 0..2 {
+        match sub.recv_response() {
+            Ok(Value::ServerError(e)) => return Err(format!("subscribe: {e}")),
+            Ok(_) => {}
+            Err(e) => return Err(format!("subscribe: {e}")),
+        }
+    }
+    sub.set_read_timeout(Some(POLL_INTERVAL))
+        .map_err(|e| format!("socket options: {e}"))?;
+    Ok(Link { publisher, sub })
+}
+
+fn publish_canary(publisher: &mut Connection, canary: &str, seq: u64) -> RedisResult<i64> {
+    redis::cmd("PUBLISH").arg(canary).arg(seq).query(publisher)
+}
+
+/// While waiting to reconnect, a held (silent) subscription is still read:
+/// if Redis was only paused, its notices arrive there.
+fn wait_reading_held(shared: &Shared, canary: &str, st: &mut State, d: Duration) {
     let until = Instant::now() + d;
     while !shared.shutting_down.load(Ordering::Relaxed) {
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
             break;
         }
-        std::thread::sleep(left.min(Duration::from_millis(50)));
+        let Some(held) = st.held.as_mut() else {
+            std::thread::sleep(left.min(Duration::from_millis(50)));
+            continue;
+        };
+        match next_message(held) {
+            Ok(msg) => {
+                if msg.get_channel_name() != canary {
+                    let _ = dispatch::handle_payload(shared, msg.get_payload_bytes());
+                }
+            }
+            Err(e) if e.is_timeout() => {}
+            Err(_) => {
+                st.held = None;
+                st.lost = true;
+            }
+        }
     }
 }
 
-fn session(client: &Client, shared: &Shared, canary: &str, on_ready: &mut dyn FnMut()) -> End {
-    let lost = |what: &str, e: RedisError| End::Lost(format!("{what}: {e}"));
-    let mut publisher = match client.get_connection_with_timeout(CONNECT_TIMEOUT) {
-        Ok(c) => c,
-        Err(e) => return lost("connect", e),
-    };
-    let mut sub = match client.get_connection_with_timeout(CONNECT_TIMEOUT) {
-        Ok(c) => c,
-        Err(e) => return lost("connect", e),
-    };
-    let io_timeout = Some(Duration::from_secs(1));
-    if let Err(e) = publisher
-        .set_read_timeout(io_timeout)
-        .and_then(|_| publisher.set_write_timeout(io_timeout))
-        .and_then(|_| sub.set_write_timeout(io_timeout))
-        .and_then(|_| sub.set_read_timeout(io_timeout))
-    {
-        return lost("socket options", e);
+/// Reads the held subscription up to the canary `marker`, handing its
+/// notices to the loops. True when the marker came: the two links overlap,
+/// and nothing was lost between them.
+fn drain_held(
+    mut held: Connection,
+    shared: &Shared,
+    canary: &str,
+    marker: u64,
+    limit: Duration,
+) -> bool {
+    let marker = marker.to_string();
+    let until = Instant::now() + limit;
+    while Instant::now() < until && !shared.shutting_down.load(Ordering::Relaxed) {
+        match next_message(&mut held) {
+            Ok(msg) if msg.get_channel_name() == canary => {
+                if msg.get_payload_bytes() == marker.as_bytes() {
+                    return true;
+                }
+            }
+            Ok(msg) => {
+                let _ = dispatch::handle_payload(shared, msg.get_payload_bytes());
+            }
+            Err(e) if e.is_timeout() => {}
+            Err(_) => return false,
+        }
     }
-    let mut ps = sub.as_pubsub();
-    // One channel per call: the crate reads one confirmation per call.
-    if let Err(e) = ps.subscribe(&shared.config.channel) {
-        return lost("subscribe", e);
-    }
-    if let Err(e) = ps.subscribe(canary) {
-        return lost("subscribe", e);
-    }
-    if let Err(e) = ps.set_read_timeout(Some(POLL_INTERVAL)) {
-        return lost("socket options", e);
-    }
+    false
+}
+
+fn session(mut link: Link, shared: &Shared, canary: &str, st: &mut State) -> End {
     let interval = shared.config.canary_interval;
     let deadline = (interval * 2).max(Duration::from_millis(500));
-    let mut seq: u64 = 0;
+    // The first canary of a link is also the seam of a stitch.
+    st.seq += 1;
+    let first = st.seq;
+    if let Err(e) = publish_canary(&mut link.publisher, canary, first) {
+        return End::Dead(format!("canary publish: {e}"));
+    }
     // (sequence, sent at) of the canary we wait for.
-    let mut outstanding: Option<(u64, Instant)> = None;
-    let mut last_proof = Instant::now() - interval;
-    let mut ready = false;
+    let mut outstanding: Option<(u64, Instant)> = Some((first, Instant::now()));
+    // With a held link, what comes here before the seam was delivered
+    // through the held link (or lost with it): it is skipped.
+    let stitching = st.held.is_some();
+    if let Some(held) = st.held.take() {
+        if drain_held(held, shared, canary, first, deadline) {
+            log::info!(
+                "redis: the silent link was read up to the new one's first canary: nothing lost"
+            );
+        } else {
+            st.lost = true;
+        }
+    }
+    let mut before_seam = stitching;
+    let mut last_proof = Instant::now();
     let mut last_message = Instant::now();
     loop {
         if shared.shutting_down.load(Ordering::Relaxed) {
@@ -157,52 +279,70 @@ fn session(client: &Client, shared: &Shared, canary: &str, on_ready: &mut dyn Fn
             // Silence, not lateness, is the sign of a dead link: the canary
             // may queue behind a burst that is still being read.
             Some((_, sent)) if now.duration_since(sent.max(last_message)) > deadline => {
-                shared
-                    .metrics
-                    .canary_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                return End::Lost(format!("canary not back within {deadline:?}"));
+                return End::Silent(format!("canary not back within {deadline:?}"), link.sub);
             }
-            None if now.duration_since(last_proof) >= interval || !ready => {
-                seq += 1;
-                let r: redis::RedisResult<i64> = redis::cmd("PUBLISH")
-                    .arg(canary)
-                    .arg(seq)
-                    .query(&mut publisher);
-                if let Err(e) = r {
-                    // A paused Redis usually shows here first: the publish times out.
-                    shared
-                        .metrics
-                        .canary_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    return lost("canary publish", e);
+            None if now.duration_since(last_proof) >= interval => {
+                st.seq += 1;
+                if let Err(e) = publish_canary(&mut link.publisher, canary, st.seq) {
+                    // A paused Redis usually shows here first: the publish
+                    // times out. The subscription itself may be fine.
+                    return End::Silent(format!("canary publish: {e}"), link.sub);
                 }
-                outstanding = Some((seq, now));
+                outstanding = Some((st.seq, now));
             }
             _ => {}
         }
-        let msg = match ps.get_message() {
+        let msg = match next_message(&mut link.sub) {
             Ok(m) => {
                 last_message = Instant::now();
                 m
             }
             Err(e) if e.is_timeout() => continue,
-            Err(e) => return lost("read", e),
+            Err(e) => return End::Dead(format!("read: {e}")),
         };
         let payload = msg.get_payload_bytes();
         if msg.get_channel_name() == canary {
             if outstanding.is_some_and(|(s, _)| payload == s.to_string().as_bytes()) {
                 outstanding = None;
                 last_proof = Instant::now();
-                if !ready {
-                    ready = true;
-                    on_ready();
+                before_seam = false;
+                if !st.proven {
+                    st.proven = true;
+                    on_proven(shared, canary, st);
                 }
             }
             continue;
         }
-        let _ = dispatch::handle_payload(shared, payload);
+        if !before_seam {
+            let _ = dispatch::handle_payload(shared, payload);
+        }
     }
+}
+
+/// A link's first canary came back: ready, and a resync notice when
+/// notices may have been lost since the last proven link.
+fn on_proven(shared: &Shared, canary: &str, st: &mut State) {
+    if st.ever_ready {
+        shared
+            .metrics
+            .redis_reconnects
+            .fetch_add(1, Ordering::Relaxed);
+        log::info!("redis: subscription restored on {}", shared.config.channel);
+    } else {
+        log::info!(
+            "redis: subscribed to {} (canary {canary})",
+            shared.config.channel
+        );
+    }
+    set_ready(shared, true);
+    if st.lost {
+        if let Some(text) = &shared.config.resync_notice {
+            shared.metrics.resync_sent.fetch_add(1, Ordering::Relaxed);
+            dispatch::broadcast_frame(shared, notice::text_frame(text.as_bytes()));
+        }
+    }
+    st.ever_ready = true;
+    st.lost = false;
 }
 
 /// A cheap random number for jitter and names (no crate needed: std's

@@ -1,6 +1,7 @@
 //! Redis going away, hanging, cutting the subscriber, requiring
 //! credentials, and being down at start (SPEC sections 2 and 6).
 
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use crate::util::*;
@@ -158,8 +159,17 @@ fn resync_notice_goes_to_every_connection_after_a_restart() {
     assert_eq!(node.metric("pushwire_connections_accepted_total"), 4.0);
 }
 
+/// A PUBLISH in the wire format, for a raw connection.
+fn resp_publish(channel: &str, payload: &str) -> Vec<u8> {
+    let mut v = b"*3\r\n$7\r\nPUBLISH\r\n".to_vec();
+    for part in [channel, payload] {
+        v.extend_from_slice(format!("${}\r\n{part}\r\n", part.len()).as_bytes());
+    }
+    v
+}
+
 #[test]
-fn paused_redis_is_detected_by_the_canary_and_recovered() {
+fn paused_redis_is_detected_and_what_was_published_meanwhile_still_arrives() {
     let _w = watchdog(30);
     let redis = Redis::start();
     let resync = r#"{"resync":"paused"}"#;
@@ -168,10 +178,15 @@ fn paused_redis_is_detected_by_the_canary_and_recovered() {
     let first = r#"{"userId":"42","text":"before"}"#;
     publish_when_subscribed(&redis, &node, first);
     assert_eq!(c.recv_text(T).as_deref(), Some(first));
+    // A publisher connected before the pause.
+    let mut publisher = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
 
     // The TCP connections stay open; only the proof can tell.
     redis.signal(libc::SIGSTOP);
     let paused = Instant::now();
+    // Published while Redis is frozen: it waits in Redis's socket.
+    let during = r#"{"userId":"42","text":"published during the pause"}"#;
+    publisher.write_all(&resp_publish(CHANNEL, during)).unwrap();
     // Canary every 0.5 s, due back within 1 s: a few intervals.
     let detected = wait_not_ready(&node, Duration::from_secs(3));
     let took = paused.elapsed();
@@ -187,10 +202,57 @@ fn paused_redis_is_detected_by_the_canary_and_recovered() {
     );
     assert!(node.wait_metric("pushwire_redis_reconnects_total", T, |v| v >= 1.0));
     assert!(node.metric("pushwire_redis_canary_failures_total") >= 1.0);
-    assert_eq!(c.recv_text(T).as_deref(), Some(resync), "told to resync");
+    // The silent link was kept and read up to the new link's first canary:
+    // the notice arrives once, and with nothing lost no resync is due.
+    assert_eq!(c.recv_text(T).as_deref(), Some(during));
     let after = r#"{"userId":"42","text":"after"}"#;
     publish_when_subscribed(&redis, &node, after);
     assert_eq!(c.recv_text(T).as_deref(), Some(after));
+    c.expect_nothing(Duration::from_millis(200));
+    assert_eq!(node.metric("pushwire_resync_notices_total"), 0.0);
+    assert_eq!(node.metric("pushwire_connections_accepted_total"), 1.0);
+}
+
+#[test]
+fn a_half_open_link_is_replaced_and_clients_are_told_to_resync() {
+    // The node reaches Redis through a proxy that turns its connections
+    // into black holes: no error, no close, nothing comes through. Only the
+    // canary can tell. The silent link never brings the new link's first
+    // canary, so notices may have been lost: a resync notice is due.
+    let _w = watchdog(30);
+    let redis = Redis::start();
+    let proxy = Proxy::start(redis.port);
+    let resync = r#"{"resync":"half-open"}"#;
+    let node = node_on_url(
+        &format!("redis://127.0.0.1:{}", proxy.port),
+        &["--resync-notice", resync],
+    );
+    assert!(node.wait_ready(T));
+    let mut c = node.connect("42");
+    let first = r#"{"userId":"42","text":"before"}"#;
+    publish_when_subscribed(&redis, &node, first);
+    assert_eq!(c.recv_text(T).as_deref(), Some(first));
+
+    let t0 = Instant::now();
+    proxy.freeze_existing();
+    assert!(
+        wait_not_ready(&node, Duration::from_secs(3)),
+        "the silence is found"
+    );
+    let detected = t0.elapsed();
+    assert!(node.wait_ready(RECOVER), "a new link through the proxy");
+    assert_eq!(c.recv_text(T).as_deref(), Some(resync), "told to resync");
+    eprintln!(
+        "half-open link: not ready after {detected:?}; new link and resync after {:?}",
+        t0.elapsed()
+    );
+    let after = r#"{"userId":"42","text":"after"}"#;
+    publish_when_subscribed(&redis, &node, after);
+    assert_eq!(c.recv_text(T).as_deref(), Some(after));
+    c.expect_nothing(Duration::from_millis(200));
+    assert_eq!(node.metric("pushwire_redis_reconnects_total"), 1.0);
+    assert!(node.metric("pushwire_redis_canary_failures_total") >= 1.0);
+    assert_eq!(node.metric("pushwire_resync_notices_total"), 1.0);
     assert_eq!(node.metric("pushwire_connections_accepted_total"), 1.0);
 }
 

@@ -534,3 +534,74 @@ pub fn publish_url(url: &str, channel: &str, payload: &[u8]) -> i64 {
         .query(&mut c)
         .unwrap()
 }
+
+/// A TCP forwarder in front of a port that can turn the connections it
+/// already carries into black holes (a half-open link: nothing comes
+/// through, nothing is closed) while new connections pass.
+pub struct Proxy {
+    pub port: u16,
+    accepted: Arc<std::sync::atomic::AtomicU64>,
+    frozen_up_to: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Proxy {
+    pub fn start(upstream: u16) -> Proxy {
+        use std::sync::atomic::AtomicU64;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let frozen_up_to = Arc::new(AtomicU64::new(0));
+        let (a, f) = (accepted.clone(), frozen_up_to.clone());
+        std::thread::spawn(move || {
+            for down in listener.incoming().flatten() {
+                let id = a.fetch_add(1, Ordering::SeqCst) + 1;
+                let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                for (from, to) in [
+                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, down),
+                ] {
+                    let f = f.clone();
+                    std::thread::spawn(move || pump(id, from, to, &f));
+                }
+            }
+        });
+        Proxy {
+            port,
+            accepted,
+            frozen_up_to,
+        }
+    }
+
+    /// From now on, every connection accepted so far forwards nothing.
+    pub fn freeze_existing(&self) {
+        self.frozen_up_to
+            .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+fn pump(
+    id: u64,
+    mut from: TcpStream,
+    mut to: TcpStream,
+    frozen_up_to: &std::sync::atomic::AtomicU64,
+) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown(std::net::Shutdown::Write);
+                return;
+            }
+            Ok(n) => {
+                if id <= frozen_up_to.load(Ordering::SeqCst) {
+                    continue;
+                }
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
