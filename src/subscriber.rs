@@ -120,7 +120,11 @@ pub fn run(url: String, shared: Arc<Shared>) {
         }
         unavailable = true;
         if st.proven {
+            // A link that worked is rebuilt at once: every millisecond
+            // without a subscription loses what is published in it. If
+            // Redis is gone, this first try fails fast and backs off.
             backoff = BACKOFF_MIN;
+            continue;
         }
         // Jitter: somewhere between half and all of the backoff.
         let pause = backoff / 2
