@@ -48,7 +48,7 @@ enum End {
     Dead(String),
     /// The canary did not come back: the subscription is kept for the
     /// stitch.
-    Silent(String, Connection),
+    Silent(String, Held),
 }
 
 struct State {
@@ -59,7 +59,7 @@ struct State {
     /// The last canary sequence number sent, over all links.
     seq: u64,
     /// A silent subscription, read until the next link's first canary.
-    held: Option<Connection>,
+    held: Option<Held>,
     /// The current link's canary came back at least once.
     proven: bool,
 }
@@ -191,6 +191,40 @@ fn publish_canary(publisher: &mut Connection, canary: &str, seq: u64) -> RedisRe
     redis::cmd("PUBLISH").arg(canary).arg(seq).query(publisher)
 }
 
+/// A silent subscription kept for the stitch.
+struct Held {
+    sub: Connection,
+    /// The link went silent before its own seam: what it carries before
+    /// this canary came through the link before it, and is skipped.
+    skip_until: Option<u64>,
+}
+
+impl Held {
+    /// Reads one message (or times out), hands a notice to the loops, and
+    /// returns the sequence number of a canary. `Err` when the link failed.
+    fn read_one(&mut self, shared: &Shared, canary: &str) -> Result<Option<u64>, ()> {
+        match next_message(&mut self.sub) {
+            Ok(msg) if msg.get_channel_name() == canary => {
+                let seq = std::str::from_utf8(msg.get_payload_bytes())
+                    .ok()
+                    .and_then(|t| t.parse().ok());
+                if seq.is_some() && seq == self.skip_until {
+                    self.skip_until = None;
+                }
+                Ok(seq)
+            }
+            Ok(msg) => {
+                if self.skip_until.is_none() {
+                    let _ = dispatch::handle_payload(shared, msg.get_payload_bytes());
+                }
+                Ok(None)
+            }
+            Err(e) if e.is_timeout() => Ok(None),
+            Err(_) => Err(()),
+        }
+    }
+}
+
 /// While waiting to reconnect, a held (silent) subscription is still read:
 /// if Redis was only paused, its notices arrive there.
 fn wait_reading_held(shared: &Shared, canary: &str, st: &mut State, d: Duration) {
@@ -204,17 +238,9 @@ fn wait_reading_held(shared: &Shared, canary: &str, st: &mut State, d: Duration)
             std::thread::sleep(left.min(Duration::from_millis(50)));
             continue;
         };
-        match next_message(held) {
-            Ok(msg) => {
-                if msg.get_channel_name() != canary {
-                    let _ = dispatch::handle_payload(shared, msg.get_payload_bytes());
-                }
-            }
-            Err(e) if e.is_timeout() => {}
-            Err(_) => {
-                st.held = None;
-                st.lost = true;
-            }
+        if held.read_one(shared, canary).is_err() {
+            st.held = None;
+            st.lost = true;
         }
     }
 }
@@ -222,27 +248,13 @@ fn wait_reading_held(shared: &Shared, canary: &str, st: &mut State, d: Duration)
 /// Reads the held subscription up to the canary `marker`, handing its
 /// notices to the loops. True when the marker came: the two links overlap,
 /// and nothing was lost between them.
-fn drain_held(
-    mut held: Connection,
-    shared: &Shared,
-    canary: &str,
-    marker: u64,
-    limit: Duration,
-) -> bool {
-    let marker = marker.to_string();
+fn drain_held(mut held: Held, shared: &Shared, canary: &str, marker: u64, limit: Duration) -> bool {
     let until = Instant::now() + limit;
     while Instant::now() < until && !shared.shutting_down.load(Ordering::Relaxed) {
-        match next_message(&mut held) {
-            Ok(msg) if msg.get_channel_name() == canary => {
-                if msg.get_payload_bytes() == marker.as_bytes() {
-                    return true;
-                }
-            }
-            Ok(msg) => {
-                let _ = dispatch::handle_payload(shared, msg.get_payload_bytes());
-            }
-            Err(e) if e.is_timeout() => {}
-            Err(_) => return false,
+        match held.read_one(shared, canary) {
+            Ok(Some(seq)) if seq == marker => return true,
+            Ok(_) => {}
+            Err(()) => return false,
         }
     }
     false
@@ -283,14 +295,22 @@ fn session(mut link: Link, shared: &Shared, canary: &str, st: &mut State) -> End
             // Silence, not lateness, is the sign of a dead link: the canary
             // may queue behind a burst that is still being read.
             Some((_, sent)) if now.duration_since(sent.max(last_message)) > deadline => {
-                return End::Silent(format!("canary not back within {deadline:?}"), link.sub);
+                let held = Held {
+                    sub: link.sub,
+                    skip_until: before_seam.then_some(first),
+                };
+                return End::Silent(format!("canary not back within {deadline:?}"), held);
             }
             None if now.duration_since(last_proof) >= interval => {
                 st.seq += 1;
                 if let Err(e) = publish_canary(&mut link.publisher, canary, st.seq) {
                     // A paused Redis usually shows here first: the publish
                     // times out. The subscription itself may be fine.
-                    return End::Silent(format!("canary publish: {e}"), link.sub);
+                    let held = Held {
+                        sub: link.sub,
+                        skip_until: before_seam.then_some(first),
+                    };
+                    return End::Silent(format!("canary publish: {e}"), held);
                 }
                 outstanding = Some((st.seq, now));
             }
