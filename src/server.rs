@@ -97,8 +97,6 @@ pub struct Worker {
     /// Connections with reads or flushes left over from a capped pass.
     again: Vec<(usize, u32)>,
     dirty: Vec<usize>,
-    /// An empty list with capacity, swapped with `dirty` while flushing.
-    spare: Vec<usize>,
     ws_config: WebSocketConfig,
     tick: Duration,
     draining_until: Option<Instant>,
@@ -161,7 +159,6 @@ impl Worker {
             last_accept_warning: None,
             again: Vec::new(),
             dirty: Vec::new(),
-            spare: Vec::new(),
             ws_config,
             tick,
             draining_until: None,
@@ -240,7 +237,6 @@ impl Worker {
             }
             if now >= next_tick {
                 self.on_tick(now);
-                self.flush_dirty(&inbox, now);
                 next_tick = now + self.tick;
             }
             if let Some(until) = self.draining_until {
@@ -484,20 +480,16 @@ impl Worker {
     }
 
     /// Writes every connection with something queued. A flush of thousands
-    /// of connections (a burst, a round of pings) takes milliseconds, and
-    /// notices arrive meanwhile: every [`FLUSH_DRAIN_EVERY`] connections the
-    /// inbox is drained again. Connections not yet written take the new
-    /// notices in the same write; those written already (or not in this
-    /// flush at all) are written right away, so a notice waits for at most
-    /// that many writes, not for the whole flush. Nothing waits for more to
-    /// come.
+    /// of connections takes milliseconds, and the rest of a burst arrives
+    /// meanwhile: every [`FLUSH_DRAIN_EVERY`] connections the inbox is
+    /// drained again, so the connections not yet written take the new
+    /// notices in the same write (those already written get one more write,
+    /// in a second round). Nothing waits for more to come.
     fn flush_dirty(&mut self, inbox: &Receiver<Inbox>, now: Instant) {
-        let spare = std::mem::take(&mut self.spare);
-        let mut dirty = std::mem::replace(&mut self.dirty, spare);
+        let mut dirty = std::mem::take(&mut self.dirty);
         for (i, slot) in dirty.drain(..).enumerate() {
             if i % FLUSH_DRAIN_EVERY == FLUSH_DRAIN_EVERY - 1 && !inbox.is_empty() {
                 self.drain_inbox(inbox, now);
-                self.flush_list();
             }
             let Some(conn) = self.conns.get_mut(slot) else {
                 continue;
@@ -505,24 +497,18 @@ impl Worker {
             conn.dirty = false;
             self.flush(slot);
         }
-        self.flush_list();
-        // Both lists are empty now and keep their capacity: no allocation
-        // per pass.
-        self.spare = std::mem::replace(&mut self.dirty, dirty);
-    }
-
-    /// Writes the connections on the `dirty` list (flushing marks nothing
-    /// dirty, so the list is empty afterwards).
-    fn flush_list(&mut self) {
-        let mut list = std::mem::take(&mut self.dirty);
-        for slot in list.drain(..) {
+        // The second round drains nothing, so it ends. Flushing marks
+        // nothing dirty, so the first list (and its capacity) is kept for
+        // the next pass: no allocation per pass.
+        let again = std::mem::take(&mut self.dirty);
+        for slot in again {
             let Some(conn) = self.conns.get_mut(slot) else {
                 continue;
             };
             conn.dirty = false;
             self.flush(slot);
         }
-        self.dirty = list;
+        self.dirty = dirty;
     }
 
     /// Writes the connection's queue; finishes a closing connection whose
@@ -953,15 +939,8 @@ impl Worker {
         for slot in expired {
             self.close(slot, 4001, "token expired", now);
         }
-        // Written by the caller's flush, which keeps delivering notices
-        // while a round of pings goes out.
         for slot in pinged {
-            if let Some(conn) = self.conns.get_mut(slot) {
-                if !conn.dirty {
-                    conn.dirty = true;
-                    self.dirty.push(slot);
-                }
-            }
+            self.flush(slot);
         }
     }
 
