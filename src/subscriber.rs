@@ -86,18 +86,21 @@ pub fn run(url: String, shared: Arc<Shared>) {
     while !shared.shutting_down.load(Ordering::Relaxed) {
         st.proven = false;
         let end = match open_link(&client, &shared, &canary) {
-            Ok(link) => session(link, &shared, &canary, &mut st),
+            Ok(link) => {
+                let end = session(link, &shared, &canary, &mut st);
+                if matches!(end, End::Dead(_)) && st.ever_ready {
+                    // A subscription closed: what was published until the
+                    // next one is lost.
+                    st.lost = true;
+                }
+                end
+            }
             Err(why) => End::Dead(why),
         };
         set_ready(&shared, false);
         let why = match end {
             End::Stop => break,
-            End::Dead(why) => {
-                if st.proven {
-                    st.lost = true;
-                }
-                why
-            }
+            End::Dead(why) => why,
             End::Silent(why, sub) => {
                 shared
                     .metrics
