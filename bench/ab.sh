@@ -54,7 +54,7 @@ for run in $(seq 1 "$RUNS"); do
 done
 jq -rs '
   def med: sort | if length == 0 then null else .[(length / 2 | floor)] end;
-  def fields: ["deliveries_per_s", "latency.p50_ms", "broadcast_server_cpu_pct", "server_cpu_us_per_delivery", "server_write_calls", "complete_latency.p99_ms", "server_rss_after_traffic",
+  def fields: ["max_rate", "deliveries_per_s", "latency.p50_ms", "broadcast_server_cpu_pct", "server_cpu_us_per_delivery", "server_write_calls", "complete_latency.p99_ms", "server_rss_after_traffic",
                "latency.p99_ms", "latency.p999_ms", "latency.max_ms", "lost"];
   (map(select(.label | startswith("ab-A"))) ) as $a |
   (map(select(.label | startswith("ab-B"))) ) as $b |
