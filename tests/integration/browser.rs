@@ -104,11 +104,22 @@ impl Drop for Chromium {
 struct Page {
     ws: Client,
     next_id: u64,
+    port: u16,
+    url: String,
 }
 
 impl Page {
     /// Finds the page target showing `url` and attaches to it.
     fn attach(port: u16, url: &str) -> Page {
+        Page {
+            ws: Self::connect(port, url),
+            next_id: 1,
+            port,
+            url: url.to_string(),
+        }
+    }
+
+    fn connect(port: u16, url: &str) -> Client {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let mut ws_url = None;
         let found = wait_until(BOOT, || {
@@ -129,20 +140,33 @@ impl Page {
             ws_url.is_some()
         });
         assert!(found, "no DevTools page target for {url}");
-        let ws = Client::connect(&ws_url.unwrap())
-            .unwrap_or_else(|r| panic!("DevTools refused the WebSocket: {}", r.status));
-        Page { ws, next_id: 1 }
+        Client::connect(&ws_url.unwrap())
+            .unwrap_or_else(|r| panic!("DevTools refused the WebSocket: {}", r.status))
     }
 
-    /// Sends one DevTools command and returns its `result`.
+    /// Sends one DevTools command and returns its `result`. The commands
+    /// used here only read the page, so when the DevTools connection itself
+    /// fails (it did, once in a few dozen runs, on a loaded machine), the
+    /// session is attached again and the command resent.
     fn call(&mut self, method: &str, params: Value) -> Value {
+        for attempt in 1..=3 {
+            match self.try_call(method, &params) {
+                Ok(v) => return v,
+                Err(e) if attempt < 3 => {
+                    eprintln!("DevTools connection failed ({e}); attaching again");
+                    self.ws = Self::connect(self.port, &self.url);
+                }
+                Err(e) => panic!("DevTools connection: {e}"),
+            }
+        }
+        unreachable!()
+    }
+
+    fn try_call(&mut self, method: &str, params: &Value) -> Result<Value, tungstenite::Error> {
         let id = self.next_id;
         self.next_id += 1;
         let msg = json!({ "id": id, "method": method, "params": params });
-        self.ws
-            .ws
-            .send(Message::Text(msg.to_string().into()))
-            .expect("send to DevTools");
+        self.ws.ws.send(Message::Text(msg.to_string().into()))?;
         let until = Instant::now() + T;
         while Instant::now() < until {
             match self.ws.ws.read() {
@@ -152,7 +176,7 @@ impl Page {
                         if let Some(e) = v.get("error") {
                             panic!("DevTools {method}: {e}");
                         }
-                        return v["result"].clone();
+                        return Ok(v["result"].clone());
                     }
                     // An event: not ours.
                 }
@@ -162,7 +186,7 @@ impl Page {
                         e.kind(),
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) => {}
-                Err(e) => panic!("DevTools connection: {e}"),
+                Err(e) => return Err(e),
             }
         }
         panic!("DevTools {method}: no answer within {T:?}");
