@@ -46,9 +46,12 @@ const MAX_ACCEPTS_PER_PASS: usize = 256;
 const MAX_READS_PER_PASS: usize = 32;
 /// Largest HTTP upgrade request; a longer one is answered 431.
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
-/// tungstenite's read buffer, set at accept (its 128 KiB default would be
-/// resident for every idle connection). Clients send little: pongs.
-const READ_BUFFER_BYTES: usize = 512;
+/// tungstenite's read buffer, set at accept: it stays resident for every
+/// connection (its 128 KiB default would dwarf the rest). Clients send
+/// little, mostly pongs, and the largest control frame a client can send
+/// (125 bytes of payload, 6 of header) fits in one read. Idle server RSS
+/// per connection: 1,349 B with 512, 1,092 B with 256 (10k connections).
+const READ_BUFFER_BYTES: usize = 256;
 /// Extra inbox drains before a pass's flush, while notices keep coming.
 const MAX_EXTRA_DRAINS: usize = 4;
 
