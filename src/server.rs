@@ -392,21 +392,14 @@ impl Worker {
         for msg in inbox.try_iter().take(n) {
             queued.fetch_sub(1, Ordering::AcqRel);
             match msg {
-                Inbox::All(frame) if batch.len() + frame.len() <= limit => {
-                    batch.extend_from_slice(&frame);
-                    batched += 1;
-                }
                 Inbox::All(frame) => {
-                    if batched > 0 {
+                    // A frame over the limit makes a batch of its own.
+                    if batched > 0 && batch.len() + frame.len() > limit {
                         self.broadcast(std::mem::take(&mut batch), batched, now);
-                    }
-                    if frame.len() <= limit {
-                        batch.extend_from_slice(&frame);
-                        batched = 1;
-                    } else {
-                        self.broadcast(frame.to_vec(), 1, now);
                         batched = 0;
                     }
+                    batch.extend_from_slice(&frame);
+                    batched += 1;
                 }
                 other => {
                     if batched > 0 {
