@@ -12,17 +12,16 @@
 //! notices published meanwhile still on their way to it. It is kept and read
 //! while the new link is built, and then stitched to it: the first canary
 //! of the new link marks the seam, the old link is read up to that canary
-//! and the new one after it, so each notice is delivered once. Only when the
-//! old link never brings the marker (it was really dead) may notices have
-//! been lost, and only then is `--resync-notice` sent, as after a link that
-//! closed or reset.
+//! and the new one after it, so each notice is delivered once. When the old
+//! link never brings the marker (it was really dead) what it held is lost.
+//! Either way `--resync-notice` follows, as after a link that closed.
 
 use std::mem::ManuallyDrop;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::{Client, Connection, Msg, RedisResult, Value};
+use redis::{Client, Connection, RedisResult, Value};
 
 use crate::{dispatch, notice, Shared};
 
@@ -39,7 +38,53 @@ const BACKOFF_MAX: Duration = Duration::from_secs(3);
 /// subscribed one.
 struct Link {
     publisher: Connection,
-    sub: Connection,
+    sub: Sub,
+}
+
+/// A subscribed connection and what reading it means.
+struct Sub {
+    conn: Connection,
+    /// Until this canary comes, the notices on this subscription were
+    /// delivered through the link before it (the seam of a stitch), and
+    /// are skipped.
+    skip_until: Option<u64>,
+}
+
+/// What one read of a subscription brought.
+enum Read {
+    Timeout,
+    Notice,
+    Canary(u64),
+}
+
+impl Sub {
+    /// Reads one message, or times out after [`POLL_INTERVAL`]; hands a
+    /// notice to the loops unless it is before the seam.
+    fn read_one(&mut self, shared: &Shared, canary: &str) -> RedisResult<Read> {
+        // A `PubSub` would unsubscribe when dropped (and wait for Redis to
+        // answer): this one only reads, and is never dropped.
+        let mut ps = ManuallyDrop::new(self.conn.as_pubsub());
+        let msg = match ps.get_message() {
+            Ok(m) => m,
+            Err(e) if e.is_timeout() => return Ok(Read::Timeout),
+            Err(e) => return Err(e),
+        };
+        if msg.get_channel_name() == canary {
+            // Not a number: not ours; it matches nothing.
+            let seq = std::str::from_utf8(msg.get_payload_bytes())
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0);
+            if self.skip_until == Some(seq) {
+                self.skip_until = None;
+            }
+            return Ok(Read::Canary(seq));
+        }
+        if self.skip_until.is_none() {
+            let _ = dispatch::handle_payload(shared, msg.get_payload_bytes());
+        }
+        Ok(Read::Notice)
+    }
 }
 
 enum End {
@@ -48,18 +93,17 @@ enum End {
     Dead(String),
     /// The canary did not come back: the subscription is kept for the
     /// stitch.
-    Silent(String, Held),
+    Silent(String, Sub),
 }
 
 struct State {
+    /// A link was proven before: the next proof is a reconnect, owed a
+    /// resync notice.
     ever_ready: bool,
-    /// Notices may have been lost since the last proven link: a resync
-    /// notice is due when the next one is proven.
-    lost: bool,
     /// The last canary sequence number sent, over all links.
     seq: u64,
     /// A silent subscription, read until the next link's first canary.
-    held: Option<Held>,
+    held: Option<Sub>,
     /// The current link's canary came back at least once.
     proven: bool,
 }
@@ -77,7 +121,6 @@ pub fn run(url: String, shared: Arc<Shared>) {
     let mut backoff = BACKOFF_MIN;
     let mut st = State {
         ever_ready: false,
-        lost: false,
         seq: 0,
         held: None,
         proven: false,
@@ -86,15 +129,7 @@ pub fn run(url: String, shared: Arc<Shared>) {
     while !shared.shutting_down.load(Ordering::Relaxed) {
         st.proven = false;
         let end = match open_link(&client, &shared, &canary) {
-            Ok(link) => {
-                let end = session(link, &shared, &canary, &mut st);
-                if matches!(end, End::Dead(_)) && st.ever_ready {
-                    // A subscription closed: what was published until the
-                    // next one is lost.
-                    st.lost = true;
-                }
-                end
-            }
+            Ok(link) => session(link, &shared, &canary, &mut st),
             Err(why) => End::Dead(why),
         };
         set_ready(&shared, false);
@@ -106,13 +141,8 @@ pub fn run(url: String, shared: Arc<Shared>) {
                     .metrics
                     .canary_failures
                     .fetch_add(1, Ordering::Relaxed);
-                if st.held.is_none() {
-                    st.held = Some(sub);
-                } else {
-                    // The link before it is still held: that one has the
-                    // older notices, and this one never carried any.
-                    st.lost = true;
-                }
+                // Only one is held: the older one has the older notices.
+                st.held.get_or_insert(sub);
                 why
             }
         };
@@ -144,15 +174,6 @@ fn set_ready(shared: &Shared, ready: bool) {
         .metrics
         .redis_connected
         .store(ready as u64, Ordering::Relaxed);
-}
-
-/// The next message on a subscribed connection (`Err` with `is_timeout()`
-/// after [`POLL_INTERVAL`] without one).
-fn next_message(sub: &mut Connection) -> RedisResult<Msg> {
-    // A `PubSub` would unsubscribe when dropped (and wait for Redis to
-    // answer): this one only reads, and is never dropped.
-    let mut ps = ManuallyDrop::new(sub.as_pubsub());
-    ps.get_message()
 }
 
 fn open_link(client: &Client, shared: &Shared, canary: &str) -> Result<Link, String> {
@@ -187,45 +208,17 @@ fn open_link(client: &Client, shared: &Shared, canary: &str) -> Result<Link, Str
     }
     sub.set_read_timeout(Some(POLL_INTERVAL))
         .map_err(|e| format!("socket options: {e}"))?;
-    Ok(Link { publisher, sub })
+    Ok(Link {
+        publisher,
+        sub: Sub {
+            conn: sub,
+            skip_until: None,
+        },
+    })
 }
 
 fn publish_canary(publisher: &mut Connection, canary: &str, seq: u64) -> RedisResult<i64> {
     redis::cmd("PUBLISH").arg(canary).arg(seq).query(publisher)
-}
-
-/// A silent subscription kept for the stitch.
-struct Held {
-    sub: Connection,
-    /// The link went silent before its own seam: what it carries before
-    /// this canary came through the link before it, and is skipped.
-    skip_until: Option<u64>,
-}
-
-impl Held {
-    /// Reads one message (or times out), hands a notice to the loops, and
-    /// returns the sequence number of a canary. `Err` when the link failed.
-    fn read_one(&mut self, shared: &Shared, canary: &str) -> Result<Option<u64>, ()> {
-        match next_message(&mut self.sub) {
-            Ok(msg) if msg.get_channel_name() == canary => {
-                let seq = std::str::from_utf8(msg.get_payload_bytes())
-                    .ok()
-                    .and_then(|t| t.parse().ok());
-                if seq.is_some() && seq == self.skip_until {
-                    self.skip_until = None;
-                }
-                Ok(seq)
-            }
-            Ok(msg) => {
-                if self.skip_until.is_none() {
-                    let _ = dispatch::handle_payload(shared, msg.get_payload_bytes());
-                }
-                Ok(None)
-            }
-            Err(e) if e.is_timeout() => Ok(None),
-            Err(_) => Err(()),
-        }
-    }
 }
 
 /// While waiting to reconnect, a held (silent) subscription is still read:
@@ -243,7 +236,6 @@ fn wait_reading_held(shared: &Shared, canary: &str, st: &mut State, d: Duration)
         };
         if held.read_one(shared, canary).is_err() {
             st.held = None;
-            st.lost = true;
         }
     }
 }
@@ -251,13 +243,13 @@ fn wait_reading_held(shared: &Shared, canary: &str, st: &mut State, d: Duration)
 /// Reads the held subscription up to the canary `marker`, handing its
 /// notices to the loops. True when the marker came: the two links overlap,
 /// and nothing was lost between them.
-fn drain_held(mut held: Held, shared: &Shared, canary: &str, marker: u64, limit: Duration) -> bool {
+fn drain_held(mut held: Sub, shared: &Shared, canary: &str, marker: u64, limit: Duration) -> bool {
     let until = Instant::now() + limit;
     while Instant::now() < until && !shared.shutting_down.load(Ordering::Relaxed) {
         match held.read_one(shared, canary) {
-            Ok(Some(seq)) if seq == marker => return true,
+            Ok(Read::Canary(seq)) if seq == marker => return true,
             Ok(_) => {}
-            Err(()) => return false,
+            Err(_) => return false,
         }
     }
     false
@@ -274,19 +266,18 @@ fn session(mut link: Link, shared: &Shared, canary: &str, st: &mut State) -> End
     }
     // (sequence, sent at) of the canary we wait for.
     let mut outstanding: Option<(u64, Instant)> = Some((first, Instant::now()));
-    // With a held link, what comes here before the seam was delivered
-    // through the held link (or lost with it): it is skipped.
-    let stitching = st.held.is_some();
     if let Some(held) = st.held.take() {
+        // What comes here before the seam was delivered through the held
+        // link (or lost with it).
+        link.sub.skip_until = Some(first);
         if drain_held(held, shared, canary, first, deadline) {
             log::info!(
                 "redis: the silent link was read up to the new one's first canary: nothing lost"
             );
         } else {
-            st.lost = true;
+            log::info!("redis: the silent link never brought the new one's first canary");
         }
     }
-    let mut before_seam = stitching;
     let mut last_proof = Instant::now();
     let mut last_message = Instant::now();
     loop {
@@ -298,78 +289,61 @@ fn session(mut link: Link, shared: &Shared, canary: &str, st: &mut State) -> End
             // Silence, not lateness, is the sign of a dead link: the canary
             // may queue behind a burst that is still being read.
             Some((_, sent)) if now.duration_since(sent.max(last_message)) > deadline => {
-                let held = Held {
-                    sub: link.sub,
-                    skip_until: before_seam.then_some(first),
-                };
-                return End::Silent(format!("canary not back within {deadline:?}"), held);
+                return End::Silent(format!("canary not back within {deadline:?}"), link.sub);
             }
             None if now.duration_since(last_proof) >= interval => {
                 st.seq += 1;
                 if let Err(e) = publish_canary(&mut link.publisher, canary, st.seq) {
                     // A paused Redis usually shows here first: the publish
                     // times out. The subscription itself may be fine.
-                    let held = Held {
-                        sub: link.sub,
-                        skip_until: before_seam.then_some(first),
-                    };
-                    return End::Silent(format!("canary publish: {e}"), held);
+                    return End::Silent(format!("canary publish: {e}"), link.sub);
                 }
                 outstanding = Some((st.seq, now));
             }
             _ => {}
         }
-        let msg = match next_message(&mut link.sub) {
-            Ok(m) => {
+        match link.sub.read_one(shared, canary) {
+            Ok(Read::Timeout) => {}
+            Ok(Read::Notice) => last_message = Instant::now(),
+            Ok(Read::Canary(seq)) => {
                 last_message = Instant::now();
-                m
-            }
-            Err(e) if e.is_timeout() => continue,
-            Err(e) => return End::Dead(format!("read: {e}")),
-        };
-        let payload = msg.get_payload_bytes();
-        if msg.get_channel_name() == canary {
-            if outstanding.is_some_and(|(s, _)| payload == s.to_string().as_bytes()) {
-                outstanding = None;
-                last_proof = Instant::now();
-                before_seam = false;
-                if !st.proven {
-                    st.proven = true;
-                    on_proven(shared, canary, st);
+                if outstanding.is_some_and(|(s, _)| s == seq) {
+                    outstanding = None;
+                    last_proof = last_message;
+                    if !st.proven {
+                        st.proven = true;
+                        on_proven(shared, canary, st);
+                    }
                 }
             }
-            continue;
-        }
-        if !before_seam {
-            let _ = dispatch::handle_payload(shared, payload);
+            Err(e) => return End::Dead(format!("read: {e}")),
         }
     }
 }
 
-/// A link's first canary came back: ready, and a resync notice when
-/// notices may have been lost since the last proven link.
+/// A link's first canary came back: ready. After a loss of the
+/// subscription (closed, reset or silent), clients get the resync notice:
+/// even when the stitch delivered everything, the node cannot prove to a
+/// client that nothing was missed.
 fn on_proven(shared: &Shared, canary: &str, st: &mut State) {
-    if st.ever_ready {
-        shared
-            .metrics
-            .redis_reconnects
-            .fetch_add(1, Ordering::Relaxed);
-        log::info!("redis: subscription restored on {}", shared.config.channel);
-    } else {
+    set_ready(shared, true);
+    if !st.ever_ready {
+        st.ever_ready = true;
         log::info!(
             "redis: subscribed to {} (canary {canary})",
             shared.config.channel
         );
+        return;
     }
-    set_ready(shared, true);
-    if st.lost {
-        if let Some(text) = &shared.config.resync_notice {
-            shared.metrics.resync_sent.fetch_add(1, Ordering::Relaxed);
-            dispatch::broadcast_frame(shared, notice::text_frame(text.as_bytes()));
-        }
+    shared
+        .metrics
+        .redis_reconnects
+        .fetch_add(1, Ordering::Relaxed);
+    log::info!("redis: subscription restored on {}", shared.config.channel);
+    if let Some(text) = &shared.config.resync_notice {
+        shared.metrics.resync_sent.fetch_add(1, Ordering::Relaxed);
+        dispatch::broadcast_frame(shared, notice::text_frame(text.as_bytes()));
     }
-    st.ever_ready = true;
-    st.lost = false;
 }
 
 /// A cheap random number for jitter and names (no crate needed: std's
