@@ -8,9 +8,9 @@ set -u
 cd "$(dirname "$0")/.."
 [ -x target/release/pushwire-bench ] || cargo build --release --bins
 ulimit -n "$(ulimit -Hn)"
-TMP=$(mktemp -d /tmp/pushwire-faults.XXXXXX)
-trap 'rm -rf "$TMP"' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+BENCH_TAG=faults
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 for fault in none clientkill sigstop2 sigstop6; do
   RP=$(free_port)
   redis-server --port $RP --bind 127.0.0.1 --save '' --appendonly no >/dev/null 2>&1 &

@@ -1,4 +1,4 @@
-# bench/lib.sh: shared by bench/ab.sh and bench/ping-round.sh (sourced).
+# bench/lib.sh: shared by the bench scripts (sourced).
 # Sets up TMP, PIDS and a cleanup trap; free_port; start_redis starts a
 # private redis-server on a free loopback port and sets REDIS (the URL,
 # password $PW). Nothing here touches the shared Redis on 6379.

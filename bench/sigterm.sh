@@ -5,9 +5,12 @@ set -u
 cd "$(dirname "$0")/.."
 [ -x target/release/pushwire-bench ] || cargo build --release --bins
 ulimit -n "$(ulimit -Hn)"
+BENCH_TAG=sigterm
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 for run in 1 2 3; do
-  P=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  A=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  P=$(free_port)
+  A=$(free_port)
   target/release/pushwire --dev --listen 127.0.0.1:$P --admin-listen 127.0.0.1:$A --log-level warn 2>/dev/null &
   node=$!
   sleep 0.3
