@@ -10,8 +10,21 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use crate::config::Config;
+use crate::dispatch::Delivery;
+use crate::metrics::Metrics;
 use crate::notice::{self, NoticeError, MAX_NOTICE_BYTES};
-use crate::{dispatch, Shared};
+use crate::sessions::Sessions;
+use crate::status::Status;
+
+/// What the admin listener reads and where it delivers.
+pub struct Ctx {
+    pub config: Arc<Config>,
+    pub delivery: Delivery,
+    pub status: Arc<Status>,
+    pub metrics: Arc<Metrics>,
+    pub sessions: Arc<Sessions>,
+}
 
 /// The `--dev` demo page, served at `/` on the WebSocket port.
 pub const DEMO_PAGE: &str = include_str!("demo.html");
@@ -21,13 +34,13 @@ const MAX_HEAD_BYTES: usize = 8 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Admin {
-    shared: Arc<Shared>,
+    shared: Ctx,
     active: AtomicUsize,
     /// The connection `POST /publish` publishes on, made on first use.
     redis: Mutex<Option<redis::Connection>>,
 }
 
-pub fn start(listener: TcpListener, shared: Arc<Shared>) -> io::Result<()> {
+pub fn start(listener: TcpListener, shared: Ctx) -> io::Result<()> {
     let admin = Arc::new(Admin {
         shared,
         active: AtomicUsize::new(0),
@@ -196,11 +209,12 @@ impl Admin {
         match (method.as_str(), path.as_str()) {
             ("GET", "/healthz") => {
                 // The loops beat on every tick; a silent loop is unhealthy.
-                let now = shared.now_ms();
+                let now = shared.status.now_ms();
                 let stuck = shared
-                    .workers
+                    .delivery
+                    .loops()
                     .iter()
-                    .any(|w| now.saturating_sub(w.heartbeat.load(Ordering::Relaxed)) > 10_000);
+                    .any(|w| now.saturating_sub(w.heartbeat()) > 10_000);
                 if stuck && now > 10_000 {
                     respond(&mut s, 503, "text/plain", b"event loop stuck\n")
                 } else {
@@ -208,9 +222,9 @@ impl Admin {
                 }
             }
             ("GET", "/readyz") => {
-                if shared.shutting_down.load(Ordering::Relaxed) {
+                if shared.status.is_shutting_down() {
                     respond(&mut s, 503, "text/plain", b"shutting down\n")
-                } else if !shared.is_ready() {
+                } else if !shared.status.is_ready() {
                     respond(
                         &mut s,
                         503,
@@ -256,12 +270,12 @@ impl Admin {
 
     fn publish(&self, body: &[u8]) -> (u16, Vec<u8>) {
         let shared = &self.shared;
-        if shared.shutting_down.load(Ordering::Acquire) {
+        if shared.status.is_shutting_down() {
             return (503, json_error("shutting down"));
         }
         let Some(url) = &shared.config.redis_url else {
             // Standalone: deliver here.
-            return match dispatch::handle_payload(shared, body) {
+            return match shared.delivery.handle_payload(body) {
                 Ok(n) => (202, format!("{{\"receivers\":{n}}}\n").into_bytes()),
                 Err(e) => (400, json_error(&e.to_string())),
             };

@@ -12,48 +12,28 @@ pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod dispatch;
+pub mod http;
 pub mod metrics;
 pub mod notice;
 pub mod sdnotify;
 pub mod server;
 pub mod sessions;
+pub mod status;
 pub mod subscriber;
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use config::Config;
 
-use dispatch::WorkerHandle;
-
-/// Everything the threads share. Sockets are not in here: each loop owns its own.
-pub struct Shared {
-    pub config: Config,
-    pub policy: auth::Policy,
-    pub keys: auth::Keys,
-    pub sessions: sessions::Sessions,
-    pub metrics: metrics::Metrics,
-    pub workers: Vec<WorkerHandle>,
-    pub shutting_down: AtomicBool,
-    /// Set when the subscription is proven end to end (or there is no Redis).
-    pub redis_ready: AtomicBool,
-    pub started: Instant,
-}
-
-impl Shared {
-    pub fn is_ready(&self) -> bool {
-        self.redis_ready.load(Ordering::Relaxed) && !self.shutting_down.load(Ordering::Relaxed)
-    }
-
-    /// Milliseconds since start, the unit of the loops' heartbeats.
-    pub fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
-    }
-}
+use dispatch::{Delivery, LoopHandle};
+use metrics::Metrics;
+use sessions::Sessions;
+use status::Status;
 
 #[derive(Debug)]
 pub enum StartError {
@@ -74,10 +54,15 @@ impl std::error::Error for StartError {}
 
 /// A running server.
 pub struct Server {
-    shared: Arc<Shared>,
+    config: Arc<Config>,
+    status: Arc<Status>,
+    loops: Arc<[LoopHandle]>,
+    keys: Arc<auth::Keys>,
+    metrics: Arc<Metrics>,
+    sessions: Arc<Sessions>,
     ws_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
-    loops: Vec<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
     subscriber: Option<JoinHandle<()>>,
 }
 
@@ -90,22 +75,18 @@ impl Server {
         self.admin_addr
     }
 
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
-    }
-
     /// Starts the graceful drain: stop accepting, close every connection
     /// with 1001, flush, stop. Returns at once; [`Server::wait`] waits.
     pub fn shutdown(&self) {
-        self.shared.shutting_down.store(true, Ordering::SeqCst);
-        for w in &self.shared.workers {
-            w.wake();
+        self.status.begin_shutdown();
+        for l in self.loops.iter() {
+            l.wake();
         }
     }
 
     /// Waits for the loops to finish draining and the subscriber to stop.
     pub fn wait(mut self) {
-        for l in self.loops.drain(..) {
+        for l in self.threads.drain(..) {
             let _ = l.join();
         }
         if let Some(s) = self.subscriber.take() {
@@ -114,11 +95,12 @@ impl Server {
     }
 
     pub fn is_finished(&self) -> bool {
-        self.loops.iter().all(|l| l.is_finished())
+        self.threads.iter().all(|l| l.is_finished())
     }
 }
 
-/// Binds the listeners and starts every thread.
+/// Binds the listeners and starts every thread: the one place that wires
+/// the parts together.
 pub fn start(config: Config) -> Result<Server, StartError> {
     let listener = match sdnotify::activated_listener() {
         Some(l) => {
@@ -139,46 +121,55 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         None => None,
     };
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
-    let keys = auth::Keys::new(config.jwt_key.clone())
-        .map_err(|e| StartError::Io("--jwt-secret-file", e))?;
-
-    let mut polls = Vec::new();
-    let mut workers = Vec::new();
-    for id in 0..config.workers {
-        let (poll, handle, inbox) =
-            server::Worker::prepare(id as u16).map_err(|e| StartError::Io("event loop", e))?;
-        polls.push((poll, inbox));
-        workers.push(handle);
-    }
+    let keys = Arc::new(
+        auth::Keys::new(config.jwt_key.clone())
+            .map_err(|e| StartError::Io("--jwt-secret-file", e))?,
+    );
     if config.auth == config::AuthMode::Query && !ws_addr.ip().is_loopback() {
         log::warn!("--auth query trusts ?user= from anyone: use it for local trials only, not on {ws_addr}");
     }
-    let shared = Arc::new(Shared {
-        policy: auth::Policy::from_config(&config),
-        keys,
-        sessions: Default::default(),
-        metrics: Default::default(),
-        workers,
-        shutting_down: AtomicBool::new(false),
-        redis_ready: AtomicBool::new(config.redis_url.is_none()),
-        started: Instant::now(),
-        config,
-    });
 
-    let mut listener = Some(listener);
-    let mut loops = Vec::new();
-    for (id, (poll, inbox)) in polls.into_iter().enumerate() {
-        let worker = server::Worker::new(id as u16, poll, inbox, shared.clone(), listener.take())
+    let mut prepared = Vec::new();
+    let mut handles = Vec::new();
+    for _ in 0..config.workers {
+        let (poll, handle, end) = server::prepare().map_err(|e| StartError::Io("event loop", e))?;
+        prepared.push((poll, end));
+        handles.push(handle);
+    }
+    let loops: Arc<[LoopHandle]> = handles.into();
+    let status = Arc::new(Status::new(config.redis_url.is_none()));
+    let metrics = Arc::new(Metrics::default());
+    let sessions = Arc::new(Sessions::default());
+    let config = Arc::new(config);
+    let ctx = server::LoopCtx {
+        policy: Arc::new(auth::Policy::from_config(&config)),
+        keys: keys.clone(),
+        sessions: sessions.clone(),
+        metrics: metrics.clone(),
+        status: status.clone(),
+        config: config.clone(),
+    };
+    let delivery = Delivery::new(loops.clone(), sessions.clone(), metrics.clone());
+
+    let mut listener = Some((listener, loops.clone()));
+    let mut threads = Vec::new();
+    for (id, (poll, end)) in prepared.into_iter().enumerate() {
+        let worker = server::Worker::new(id as u16, poll, end, ctx.clone(), listener.take())
             .map_err(|e| StartError::Io("event loop", e))?;
         let t = std::thread::Builder::new()
             .name(format!("loop-{id}"))
             .spawn(move || worker.run())
             .map_err(|e| StartError::Io("spawn", e))?;
-        loops.push(t);
+        threads.push(t);
     }
-    let subscriber = match shared.config.redis_url.clone() {
+    let subscriber = match config.redis_url.clone() {
         Some(url) => {
-            let s = shared.clone();
+            let s = subscriber::Ctx {
+                config: config.clone(),
+                delivery: delivery.clone(),
+                status: status.clone(),
+                metrics: metrics.clone(),
+            };
             Some(
                 std::thread::Builder::new()
                     .name("subscriber".into())
@@ -189,25 +180,36 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         None => None,
     };
     if let Some(admin) = admin {
-        admin::start(admin, shared.clone()).map_err(|e| StartError::Io("admin listener", e))?;
+        let a = admin::Ctx {
+            config: config.clone(),
+            delivery: delivery.clone(),
+            status: status.clone(),
+            metrics: metrics.clone(),
+            sessions: sessions.clone(),
+        };
+        admin::start(admin, a).map_err(|e| StartError::Io("admin listener", e))?;
     }
     log::info!(
         "pushwire {} listening ws={} admin={} workers={} redis={}",
         env!("CARGO_PKG_VERSION"),
         ws_addr,
         admin_addr.map_or("off".to_string(), |a| a.to_string()),
-        shared.config.workers,
-        shared
-            .config
+        config.workers,
+        config
             .redis_url
             .as_deref()
             .map_or("off (standalone)".to_string(), redact),
     );
     Ok(Server {
-        shared,
+        config,
+        status,
+        loops,
+        keys,
+        metrics,
+        sessions,
         ws_addr,
         admin_addr,
-        loops,
+        threads,
         subscriber,
     })
 }
@@ -234,7 +236,6 @@ pub fn run(config: Config) -> Result<(), StartError> {
         .map_err(|e| StartError::Io("signals", e))?;
     let shutdown_timeout = config.shutdown_timeout;
     let server = start(config)?;
-    let shared = server.shared.clone();
     let notify = sdnotify::Notifier::from_env();
     notify.send("READY=1");
     let watchdog = sdnotify::watchdog_interval();
@@ -257,7 +258,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
         }
         for sig in signals.pending() {
             match sig {
-                SIGHUP => match shared.keys.reload() {
+                SIGHUP => match server.keys.reload() {
                     Ok(true) => log::info!(
                         "SIGHUP: re-read the JWT key file; new connections need the new key"
                     ),
@@ -273,7 +274,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
                 _ => {
                     log::info!(
                         "stop signal: draining {} connections (at most {:?})",
-                        shared.metrics.connections.load(Ordering::Relaxed),
+                        server.metrics.connections.load(Ordering::Relaxed),
                         shutdown_timeout
                     );
                     notify.send("STOPPING=1");
@@ -290,26 +291,26 @@ pub fn run(config: Config) -> Result<(), StartError> {
             // stops the pings and systemd restarts the service.
             // A loop passes at least once a tick (at most 500 ms).
             let limit = w.max(Duration::from_millis(1500)).as_millis() as u64;
-            let now = shared.now_ms();
-            let stale = shared
-                .workers
+            let now = server.status.now_ms();
+            let stale = server
+                .loops
                 .iter()
-                .any(|h| now.saturating_sub(h.heartbeat.load(Ordering::Relaxed)) > limit);
+                .any(|h| now.saturating_sub(h.heartbeat()) > limit);
             if !stale && last_watchdog.elapsed() >= w && drain_started.is_none() {
                 notify.send("WATCHDOG=1");
                 last_watchdog = Instant::now();
             }
         }
         if notify.is_enabled() && last_status.elapsed() >= status_every {
-            let redis = match (&shared.config.redis_url, shared.is_ready()) {
+            let redis = match (&server.config.redis_url, server.status.is_ready()) {
                 (None, _) => "standalone",
                 (Some(_), true) => "redis subscribed",
                 (Some(_), false) => "redis NOT subscribed",
             };
             notify.send(&format!(
                 "STATUS={} connections, {} users, {}",
-                shared.metrics.connections.load(Ordering::Relaxed),
-                shared.sessions.users(),
+                server.metrics.connections.load(Ordering::Relaxed),
+                server.sessions.users(),
                 redis
             ));
             last_status = Instant::now();

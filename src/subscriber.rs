@@ -23,7 +23,19 @@ use std::time::{Duration, Instant};
 
 use redis::{Client, Connection, RedisResult, Value};
 
-use crate::{dispatch, notice, Shared};
+use crate::config::Config;
+use crate::dispatch::Delivery;
+use crate::metrics::Metrics;
+use crate::notice;
+use crate::status::Status;
+
+/// What the subscriber reads and where it delivers.
+pub struct Ctx {
+    pub config: Arc<Config>,
+    pub delivery: Delivery,
+    pub status: Arc<Status>,
+    pub metrics: Arc<Metrics>,
+}
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Read and write timeout of commands (SUBSCRIBE, the canary's PUBLISH).
@@ -60,7 +72,7 @@ enum Read {
 impl Sub {
     /// Reads one message, or times out after [`POLL_INTERVAL`]; hands a
     /// notice to the loops unless it is before the seam.
-    fn read_one(&mut self, shared: &Shared, canary: &str) -> RedisResult<Read> {
+    fn read_one(&mut self, shared: &Ctx, canary: &str) -> RedisResult<Read> {
         // A `PubSub` would unsubscribe when dropped (and wait for Redis to
         // answer): this one only reads, and is never dropped.
         let mut ps = ManuallyDrop::new(self.conn.as_pubsub());
@@ -81,7 +93,7 @@ impl Sub {
             return Ok(Read::Canary(seq));
         }
         if self.skip_until.is_none() {
-            let _ = dispatch::handle_payload(shared, msg.get_payload_bytes());
+            let _ = shared.delivery.handle_payload(msg.get_payload_bytes());
         }
         Ok(Read::Notice)
     }
@@ -108,7 +120,7 @@ struct State {
     proven: bool,
 }
 
-pub fn run(url: String, shared: Arc<Shared>) {
+pub fn run(url: String, shared: Ctx) {
     let client = match Client::open(url.as_str()) {
         Ok(c) => c,
         Err(e) => {
@@ -126,7 +138,7 @@ pub fn run(url: String, shared: Arc<Shared>) {
         proven: false,
     };
     let mut unavailable = false;
-    while !shared.shutting_down.load(Ordering::Relaxed) {
+    while !shared.status.is_shutting_down() {
         st.proven = false;
         let end = match open_link(&client, &shared, &canary) {
             Ok(link) => session(link, &shared, &canary, &mut st),
@@ -168,15 +180,15 @@ pub fn run(url: String, shared: Arc<Shared>) {
     log::debug!("redis: subscriber stopped");
 }
 
-fn set_ready(shared: &Shared, ready: bool) {
-    shared.redis_ready.store(ready, Ordering::Relaxed);
+fn set_ready(shared: &Ctx, ready: bool) {
+    shared.status.set_redis_ready(ready);
     shared
         .metrics
         .redis_connected
         .store(ready as u64, Ordering::Relaxed);
 }
 
-fn open_link(client: &Client, shared: &Shared, canary: &str) -> Result<Link, String> {
+fn open_link(client: &Client, shared: &Ctx, canary: &str) -> Result<Link, String> {
     let connect = || {
         client
             .get_connection_with_timeout(CONNECT_TIMEOUT)
@@ -223,9 +235,9 @@ fn publish_canary(publisher: &mut Connection, canary: &str, seq: u64) -> RedisRe
 
 /// While waiting to reconnect, a held (silent) subscription is still read:
 /// if Redis was only paused, its notices arrive there.
-fn wait_reading_held(shared: &Shared, canary: &str, st: &mut State, d: Duration) {
+fn wait_reading_held(shared: &Ctx, canary: &str, st: &mut State, d: Duration) {
     let until = Instant::now() + d;
-    while !shared.shutting_down.load(Ordering::Relaxed) {
+    while !shared.status.is_shutting_down() {
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
             break;
@@ -243,9 +255,9 @@ fn wait_reading_held(shared: &Shared, canary: &str, st: &mut State, d: Duration)
 /// Reads the held subscription up to the canary `marker`, handing its
 /// notices to the loops. True when the marker came: the two links overlap,
 /// and nothing was lost between them.
-fn drain_held(mut held: Sub, shared: &Shared, canary: &str, marker: u64, limit: Duration) -> bool {
+fn drain_held(mut held: Sub, shared: &Ctx, canary: &str, marker: u64, limit: Duration) -> bool {
     let until = Instant::now() + limit;
-    while Instant::now() < until && !shared.shutting_down.load(Ordering::Relaxed) {
+    while Instant::now() < until && !shared.status.is_shutting_down() {
         match held.read_one(shared, canary) {
             Ok(Read::Canary(seq)) if seq == marker => return true,
             Ok(_) => {}
@@ -255,7 +267,7 @@ fn drain_held(mut held: Sub, shared: &Shared, canary: &str, marker: u64, limit: 
     false
 }
 
-fn session(mut link: Link, shared: &Shared, canary: &str, st: &mut State) -> End {
+fn session(mut link: Link, shared: &Ctx, canary: &str, st: &mut State) -> End {
     let interval = shared.config.canary_interval;
     let deadline = (interval * 2).max(Duration::from_millis(500));
     // The first canary of a link is also the seam of a stitch.
@@ -281,7 +293,7 @@ fn session(mut link: Link, shared: &Shared, canary: &str, st: &mut State) -> End
     let mut last_proof = Instant::now();
     let mut last_message = Instant::now();
     loop {
-        if shared.shutting_down.load(Ordering::Relaxed) {
+        if shared.status.is_shutting_down() {
             return End::Stop;
         }
         let now = Instant::now();
@@ -325,7 +337,7 @@ fn session(mut link: Link, shared: &Shared, canary: &str, st: &mut State) -> End
 /// subscription (closed, reset or silent), clients get the resync notice:
 /// even when the stitch delivered everything, the node cannot prove to a
 /// client that nothing was missed.
-fn on_proven(shared: &Shared, canary: &str, st: &mut State) {
+fn on_proven(shared: &Ctx, canary: &str, st: &mut State) {
     set_ready(shared, true);
     if !st.ever_ready {
         st.ever_ready = true;
@@ -342,16 +354,24 @@ fn on_proven(shared: &Shared, canary: &str, st: &mut State) {
     log::info!("redis: subscription restored on {}", shared.config.channel);
     if let Some(text) = &shared.config.resync_notice {
         shared.metrics.resync_sent.fetch_add(1, Ordering::Relaxed);
-        dispatch::broadcast_frame(shared, notice::text_frame(text.as_bytes()));
+        shared
+            .delivery
+            .broadcast_frame(notice::text_frame(text.as_bytes()));
     }
 }
 
-/// A cheap random number for jitter and names (no crate needed: std's
-/// hasher is randomly keyed per process).
+/// A random number for jitter and the canary's channel name, from the
+/// kernel (each node must pick its own channel); the clock if that fails.
 fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
-    h.write_u32(std::process::id());
-    h.finish()
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        Ok(()) => u64::from_ne_bytes(b),
+        Err(_) => {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+                ^ u64::from(std::process::id()) << 32
+        }
+    }
 }

@@ -1,0 +1,496 @@
+//! One connection's state machine: `Handshake -> Open -> Closing -> Done`.
+//!
+//! The connection reads and writes its own socket and changes its own
+//! phase; each call returns a [`Step`] that names what the loop does next
+//! (in the spirit of sozu's `SessionResult`). Policy (who may upgrade) and
+//! the shared map of sessions stay with the loop: a transition that makes
+//! a connection leave `Open` hands back the user, so the loop unregisters
+//! it in one place.
+
+mod out;
+
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mio::net::TcpStream;
+use tungstenite::error::{Error as WsError, ProtocolError};
+use tungstenite::handshake::machine::TryParse;
+use tungstenite::handshake::server::Request;
+use tungstenite::protocol::{Message, Role, WebSocket, WebSocketConfig};
+
+pub use out::{Io, OutQueue};
+
+use crate::auth::{self, Refusal};
+use crate::notice;
+
+/// Frames (or handshake reads) taken from one connection per event before
+/// the others get a turn.
+pub const MAX_READS_PER_PASS: usize = 32;
+/// Largest HTTP upgrade request; a longer one is answered 431.
+const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// A client sending more control frames than this per tick is cut (1008).
+const MAX_CONTROL_FRAMES_PER_TICK: u32 = 100;
+/// How long a closing connection may take to flush and answer with EOF.
+/// A frame still unfinished when it passes ends in a reset, never in a
+/// clean end of stream.
+pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+static PING: &[u8] = &[0x89, 0x00];
+
+pub enum Phase {
+    /// Reading the HTTP upgrade request.
+    Handshake {
+        io: Io,
+        buf: Vec<u8>,
+    },
+    Open(Box<Open>),
+    /// The last bytes (a close frame or an HTTP answer) are queued: flush
+    /// them, half-close, and wait for the peer's EOF until `until`.
+    Closing {
+        io: Io,
+        until: Instant,
+        write_shut: bool,
+    },
+    /// Finished; the loop removes it. A transition leaves this behind only
+    /// while it runs, so a panic inside one ends the connection.
+    Done,
+}
+
+pub struct Open {
+    pub ws: WebSocket<Io>,
+    pub user: Box<str>,
+    /// Unix seconds of the token's `exp`.
+    pub expires: Option<u64>,
+    /// Control frames seen from the client since the last tick.
+    control_frames: u32,
+}
+
+/// What the loop does next with a connection.
+#[derive(Debug)]
+pub enum Step {
+    /// Nothing until the next event.
+    Continue,
+    /// A read cap was hit: run again on the next pass, without an event.
+    Again,
+    /// A whole upgrade request (and how many bytes of the buffer it used):
+    /// the loop decides between [`Conn::open`] and [`Conn::answer`].
+    Request(Box<Request>, usize),
+    /// Answer the handshake with this refusal.
+    Refuse(Refusal),
+    /// Close the open connection this way.
+    Close(Close),
+    /// The socket failed or the conversation is over: remove it.
+    Gone,
+}
+
+/// How an open connection is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// The peer closed; tungstenite already queued the answer.
+    Answered,
+    /// Send this code and reason behind what is queued.
+    Code(u16, &'static str),
+    /// Its queue passed `--max-queue-bytes`: drop the frames it has not
+    /// started to receive, finish the one in flight, then 1008.
+    SlowConsumer,
+}
+
+/// The outcome of queueing a frame for a connection.
+pub enum Queued {
+    Yes,
+    /// The queue would pass `--max-queue-bytes`: a slow consumer to cut.
+    Full,
+    /// Handshaking or closing: not a recipient.
+    NotOpen,
+}
+
+/// What a tick found due on one connection.
+pub enum Due {
+    Nothing,
+    HandshakeTimeout,
+    IdleTimeout,
+    TokenExpired,
+    /// A ping was queued: flush.
+    Pinged,
+    /// Closing took longer than its linger (or the drain limit).
+    LingerOver,
+}
+
+/// The timers a tick checks.
+pub struct Timers {
+    pub handshake: Duration,
+    pub idle: Duration,
+    pub ping: Duration,
+    /// Unix seconds, for token expiry.
+    pub unix_now: u64,
+}
+
+pub struct Conn {
+    pub generation: u32,
+    pub peer: SocketAddr,
+    pub phase: Phase,
+    pub since: Instant,
+    pub last_rx: Instant,
+    pub last_ping: Instant,
+    /// Queued for a flush at the end of this loop pass.
+    pub dirty: bool,
+}
+
+impl Conn {
+    pub fn new(sock: TcpStream, peer: SocketAddr, generation: u32, now: Instant) -> Conn {
+        Conn {
+            generation,
+            peer,
+            phase: Phase::Handshake {
+                io: Io::new(sock),
+                buf: Vec::new(),
+            },
+            since: now,
+            last_rx: now,
+            last_ping: now,
+            dirty: false,
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        matches!(self.phase, Phase::Open(_))
+    }
+
+    pub fn label(&self, slot: usize) -> String {
+        format!("{slot}.{}", self.generation)
+    }
+
+    fn io_mut(&mut self) -> Option<&mut Io> {
+        match &mut self.phase {
+            Phase::Handshake { io, .. } | Phase::Closing { io, .. } => Some(io),
+            Phase::Open(o) => Some(o.ws.get_mut()),
+            Phase::Done => None,
+        }
+    }
+
+    pub fn has_output(&self) -> bool {
+        match &self.phase {
+            Phase::Handshake { io, .. } | Phase::Closing { io, .. } => !io.out.is_empty(),
+            Phase::Open(o) => !o.ws.get_ref().out.is_empty(),
+            Phase::Done => false,
+        }
+    }
+
+    /// Reads what the socket has, as the phase reads it.
+    pub fn read(&mut self, now: Instant) -> Step {
+        match &mut self.phase {
+            Phase::Handshake { io, buf } => read_request(io, buf),
+            Phase::Open(open) => {
+                let step = open.read_frames();
+                let io = open.ws.get_mut();
+                if std::mem::take(&mut io.got_bytes) {
+                    self.last_rx = now;
+                }
+                step
+            }
+            Phase::Closing { io, .. } => discard_until_eof(io),
+            Phase::Done => Step::Gone,
+        }
+    }
+
+    /// Handshake -> Open: queues the 101 `response` head, and the frames
+    /// that came right behind the request stay buffered for the next read.
+    /// `false` (and nothing changed) when the connection is not handshaking.
+    pub fn open(
+        &mut self,
+        response: Vec<u8>,
+        used: usize,
+        config: WebSocketConfig,
+        identity: auth::Identity,
+        now: Instant,
+        first_ping: Duration,
+    ) -> bool {
+        let Phase::Handshake { mut io, buf } =
+            self.take_phase_if(|p| matches!(p, Phase::Handshake { .. }))
+        else {
+            return false;
+        };
+        io.out.push(Bytes::from(response));
+        let rest = buf.get(used..).map(<[u8]>::to_vec).unwrap_or_default();
+        let ws = WebSocket::from_partially_read(io, rest, Role::Server, Some(config));
+        self.phase = Phase::Open(Box::new(Open {
+            ws,
+            user: identity.user.into(),
+            expires: identity.expires,
+            control_frames: 0,
+        }));
+        self.last_rx = now;
+        // The first ping comes `first_ping` later than the interval, so that
+        // connections opened together are not all pinged in the same tick.
+        self.last_ping = now + first_ping;
+        true
+    }
+
+    /// Handshake -> Closing with a plain HTTP answer (a refusal, the demo
+    /// page). `false` when the connection is not handshaking.
+    pub fn answer(&mut self, status: u16, content_type: &str, body: &[u8], now: Instant) -> bool {
+        let Phase::Handshake { mut io, .. } =
+            self.take_phase_if(|p| matches!(p, Phase::Handshake { .. }))
+        else {
+            return false;
+        };
+        let reason = crate::http::reason_phrase(status);
+        let mut head = format!(
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n",
+            body.len()
+        );
+        if status == 503 {
+            head.push_str("Retry-After: 5\r\n");
+        }
+        head.push_str("\r\n");
+        io.out.push(Bytes::from(head));
+        io.out.push(Bytes::copy_from_slice(body));
+        self.phase = Phase::Closing {
+            io,
+            until: now + CLOSE_LINGER,
+            write_shut: false,
+        };
+        true
+    }
+
+    /// Open -> Closing. Returns the user who left, for the loop to
+    /// unregister; `None` (and nothing changed) when it was not open.
+    pub fn close(&mut self, how: Close, now: Instant) -> Option<Box<str>> {
+        let Phase::Open(open) = self.take_phase_if(|p| matches!(p, Phase::Open(_))) else {
+            return None;
+        };
+        let Open { ws, user, .. } = *open;
+        let mut io = ws.into_inner();
+        match how {
+            Close::Answered => {}
+            Close::Code(code, reason) => io.out.push(notice::close_frame(code, reason)),
+            Close::SlowConsumer => {
+                io.out.keep_frame_in_flight();
+                io.out.push(notice::close_frame(1008, "slow consumer"));
+            }
+        }
+        self.phase = Phase::Closing {
+            io,
+            until: now + CLOSE_LINGER,
+            write_shut: false,
+        };
+        Some(user)
+    }
+
+    /// Moves the phase out when `want` says it is the expected one;
+    /// otherwise leaves it in place and returns `Done`.
+    fn take_phase_if(&mut self, want: impl Fn(&Phase) -> bool) -> Phase {
+        if want(&self.phase) {
+            std::mem::replace(&mut self.phase, Phase::Done)
+        } else {
+            Phase::Done
+        }
+    }
+
+    /// Queues a frame for an open connection. A frame always fits an empty
+    /// queue, so a notice up to the 1 MiB notice limit reaches a client
+    /// that keeps up, whatever `max`.
+    pub fn queue(&mut self, frame: &Bytes, max: usize) -> Queued {
+        let Phase::Open(open) = &mut self.phase else {
+            return Queued::NotOpen;
+        };
+        let out = &mut open.ws.get_mut().out;
+        if !out.is_empty() && out.len() + frame.len() > max {
+            return Queued::Full;
+        }
+        out.push(frame.clone());
+        Queued::Yes
+    }
+
+    /// Writes the queue; a closing connection whose queue is empty
+    /// half-closes. `Step::Gone` when the socket failed.
+    pub fn flush(&mut self) -> Step {
+        let Some(io) = self.io_mut() else {
+            return Step::Gone;
+        };
+        match io.flush_out() {
+            Ok(true) => {
+                if let Phase::Closing { io, write_shut, .. } = &mut self.phase {
+                    if !*write_shut {
+                        io.shutdown_write();
+                        *write_shut = true;
+                    }
+                }
+                Step::Continue
+            }
+            Ok(false) => Step::Continue,
+            Err(_) => Step::Gone,
+        }
+    }
+
+    /// Checks the connection's timers; queues a ping when one is due.
+    pub fn tick(&mut self, now: Instant, t: &Timers) -> Due {
+        match &mut self.phase {
+            Phase::Handshake { .. } if now.duration_since(self.since) >= t.handshake => {
+                Due::HandshakeTimeout
+            }
+            Phase::Handshake { .. } => Due::Nothing,
+            Phase::Open(open) => {
+                open.control_frames = 0;
+                if now.duration_since(self.last_rx) >= t.idle {
+                    Due::IdleTimeout
+                } else if open
+                    .expires
+                    .is_some_and(|e| t.unix_now > e.saturating_add(auth::LEEWAY_SECS))
+                {
+                    Due::TokenExpired
+                } else if now.duration_since(self.last_rx.max(self.last_ping)) >= t.ping {
+                    open.ws.get_mut().out.push(Bytes::from_static(PING));
+                    self.last_ping = now;
+                    Due::Pinged
+                } else {
+                    Due::Nothing
+                }
+            }
+            Phase::Closing { io, until, .. } if now >= *until => {
+                if !io.out.is_empty() {
+                    io.reset_on_close();
+                }
+                Due::LingerOver
+            }
+            Phase::Closing { .. } => Due::Nothing,
+            Phase::Done => Due::LingerOver,
+        }
+    }
+
+    /// Lets a closing connection linger at least until `until` (the drain).
+    pub fn linger_until(&mut self, until: Instant) {
+        if let Phase::Closing { until: u, .. } = &mut self.phase {
+            *u = (*u).max(until);
+        }
+    }
+
+    /// The user of an open connection (for the loop's bookkeeping when it
+    /// removes one).
+    pub fn open_user(&self) -> Option<&str> {
+        match &self.phase {
+            Phase::Open(o) => Some(&o.user),
+            _ => None,
+        }
+    }
+}
+
+impl Open {
+    fn read_frames(&mut self) -> Step {
+        let mut step = Step::Again;
+        for _ in 0..MAX_READS_PER_PASS {
+            match self.ws.read() {
+                Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => self.control_frames += 1,
+                // Debug builds only: lets the test suite prove that a panic
+                // is contained and that a stalled loop's inbox overflows
+                // safely. Release builds have no such hooks.
+                #[cfg(debug_assertions)]
+                Ok(Message::Text(t)) if std::env::var_os("PUSHWIRE_TEST_HOOKS").is_some() => {
+                    match t.as_str() {
+                        "__pushwire_test_panic__" => panic!("test panic requested by the client"),
+                        "__pushwire_test_stall__" => std::thread::sleep(Duration::from_secs(3)),
+                        _ => {}
+                    }
+                }
+                Ok(Message::Close(_)) => {
+                    step = Step::Close(Close::Answered);
+                    break;
+                }
+                Ok(_) => {}
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    step = Step::Continue;
+                    break;
+                }
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => {
+                    step = Step::Close(Close::Answered);
+                    break;
+                }
+                Err(WsError::Capacity(_)) => {
+                    step = Step::Close(Close::Code(1009, "message too big"));
+                    break;
+                }
+                Err(WsError::Utf8(_)) => {
+                    step = Step::Close(Close::Code(1007, "invalid UTF-8"));
+                    break;
+                }
+                Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
+                    step = Step::Gone;
+                    break;
+                }
+                Err(WsError::Protocol(_)) => {
+                    step = Step::Close(Close::Code(1002, "protocol error"));
+                    break;
+                }
+                Err(_) => {
+                    step = Step::Gone;
+                    break;
+                }
+            }
+        }
+        // Pongs and close replies tungstenite queued go to our queue (they
+        // never block there).
+        let _ = self.ws.flush();
+        if self.control_frames > MAX_CONTROL_FRAMES_PER_TICK
+            && matches!(step, Step::Continue | Step::Again)
+        {
+            step = Step::Close(Close::Code(1008, "too many control frames"));
+        }
+        step
+    }
+}
+
+/// Reads the upgrade request until it is whole, too large, or the socket
+/// has nothing more.
+fn read_request(io: &mut Io, buf: &mut Vec<u8>) -> Step {
+    let mut chunk = [0u8; 2048];
+    let mut capped = true;
+    let mut eof = false;
+    for _ in 0..MAX_READS_PER_PASS {
+        match io.sock.read(&mut chunk) {
+            Ok(0) => {
+                // A request followed by a half-close still gets its answer.
+                eof = true;
+                capped = false;
+                break;
+            }
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.len() > MAX_REQUEST_BYTES {
+                    return Step::Refuse(auth::TOO_LARGE);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                capped = false;
+                break;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Step::Gone,
+        }
+    }
+    match Request::try_parse(buf) {
+        Ok(Some((used, req))) => Step::Request(Box::new(req), used),
+        Ok(None) if eof => Step::Gone,
+        Ok(None) if capped => Step::Again,
+        Ok(None) => Step::Continue,
+        Err(WsError::Protocol(ProtocolError::WrongHttpMethod)) => Step::Refuse(auth::METHOD),
+        Err(_) => Step::Refuse(auth::NOT_UPGRADE),
+    }
+}
+
+/// A closing connection discards what the peer still sends; EOF means done.
+fn discard_until_eof(io: &mut Io) -> Step {
+    let mut scratch = [0u8; 1024];
+    for _ in 0..MAX_READS_PER_PASS {
+        match io.sock.read(&mut scratch) {
+            Ok(0) => return Step::Gone,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Step::Gone,
+        }
+    }
+    Step::Again
+}
