@@ -18,7 +18,7 @@ shift 2
 RUNS=${RUNS:-5}
 WORKERS=${WORKERS:-2}
 BENCH=${BENCH:-target/release/pushwire-bench}
-[ -x "$BENCH" ] || cargo build --release --bin pushwire-bench
+[ -x "$BENCH" ] || cargo build --release -p pushwire-bench
 OUT=bench/raw/ab-$(date -u +%Y%m%dT%H%M).jsonl
 PW=ab-only-pw
 BENCH_TAG=ab

@@ -188,7 +188,7 @@ fi
 # ------------------------------------------------------------------ runs
 
 CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=1 \
-    cargo build --release --bins --target-dir "$TARGET_DIR"
+    cargo build --release --workspace --target-dir "$TARGET_DIR"
 command -v valgrind >/dev/null && command -v callgrind_control >/dev/null
 rm -f "$WORK"/cg.* "$WORK"/*.meta.json "$WORK"/*.json "$WORK"/*.err "$WORK"/*.log
 

@@ -6,7 +6,7 @@
 # Private redis-server on a free port; nothing leaves 127.0.0.1.
 set -u
 cd "$(dirname "$0")/.."
-[ -x target/release/pushwire-bench ] || cargo build --release --bins
+[ -x target/release/pushwire-bench ] || cargo build --release --workspace
 ulimit -n "$(ulimit -Hn)"
 BENCH_TAG=faults
 # shellcheck source=bench/lib.sh

@@ -21,7 +21,7 @@ BENCH_TAG=ping
 # shellcheck source=bench/lib.sh
 . "$ROOT/bench/lib.sh"
 
-cargo build --release --bins
+cargo build --release --workspace
 cp target/release/pushwire target/release/pushwire-bench "$TMP/"
 BUILD="git $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo '+uncommitted changes'), pushwire sha256 $(sha256sum "$TMP/pushwire" | cut -c1-12)"
 ulimit -n "$(ulimit -Hn)"

@@ -143,7 +143,7 @@ fi
 
 # ------------------------------------------------------------------ processes
 
-cargo build --release --bins
+cargo build --release --workspace
 # Snapshot the binaries: others may rebuild target/ while this runs.
 cp "$ROOT/target/release/pushwire" "$ROOT/target/release/pushwire-bench" "$TMP/"
 NODE=$TMP/pushwire

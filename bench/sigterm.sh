@@ -3,7 +3,7 @@
 # (release build, --dev, 3 runs). Each client gets close 1001 first.
 set -u
 cd "$(dirname "$0")/.."
-[ -x target/release/pushwire-bench ] || cargo build --release --bins
+[ -x target/release/pushwire-bench ] || cargo build --release --workspace
 ulimit -n "$(ulimit -Hn)"
 BENCH_TAG=sigterm
 # shellcheck source=bench/lib.sh
