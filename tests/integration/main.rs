@@ -13,3 +13,4 @@ mod notices;
 mod props;
 mod push;
 mod redis_faults;
+mod tokens;
