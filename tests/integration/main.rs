@@ -14,3 +14,4 @@ mod props;
 mod push;
 mod redis_faults;
 mod slow;
+mod tokens;
