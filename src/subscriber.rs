@@ -45,6 +45,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(1);
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
+/// How often "cannot connect" is repeated while Redis stays unreachable.
+const UNAVAILABLE_LINE_EVERY: Duration = Duration::from_secs(60);
 
 /// One link to Redis: a connection for the canary's PUBLISH and a
 /// subscribed one.
@@ -137,7 +139,8 @@ pub fn run(url: String, shared: Ctx) {
         held: None,
         proven: false,
     };
-    let mut unavailable = false;
+    let mut last_unavailable_line: Option<Instant> = None;
+    let place = crate::redact(&url);
     while !shared.status.is_shutting_down() {
         st.proven = false;
         let end = match open_link(&client, &shared, &canary) {
@@ -158,12 +161,23 @@ pub fn run(url: String, shared: Ctx) {
                 why
             }
         };
-        if st.proven || !unavailable {
+        if st.proven {
             log::warn!("redis: subscription lost: {why}; reconnecting");
+            last_unavailable_line = None;
+        } else if last_unavailable_line.is_none_or(|t| t.elapsed() >= UNAVAILABLE_LINE_EVERY) {
+            // A link that never worked (Redis down at start, a wrong
+            // password): say why, and again now and then while it lasts,
+            // so that the journal tells an operator why the node is not
+            // ready.
+            log::warn!(
+                "redis: cannot connect to Redis at {place}: {why} (retrying every {}s at most; repeated every {}s while it lasts)",
+                BACKOFF_MAX.as_secs(),
+                UNAVAILABLE_LINE_EVERY.as_secs()
+            );
+            last_unavailable_line = Some(Instant::now());
         } else {
             log::debug!("redis: still unavailable: {why}");
         }
-        unavailable = true;
         if st.proven {
             // A link that worked is rebuilt at once: every millisecond
             // without a subscription loses what is published in it. If

@@ -14,4 +14,5 @@ mod props;
 mod push;
 mod redis_faults;
 mod slow;
+mod startup;
 mod tokens;
