@@ -14,6 +14,8 @@ pub mod connection;
 pub mod dispatch;
 pub mod metrics;
 pub mod notice;
+#[cfg(test)]
+mod props;
 pub mod sdnotify;
 pub mod server;
 pub mod sessions;

@@ -1,6 +1,7 @@
 //! Behaviour over real sockets: the real `pushwire` binary, a real
 //! `redis-server` each test starts on a free port, real WebSocket clients,
-//! and a watchdog in every test so a hang fails fast.
+//! and a watchdog in every test so a hang fails fast. The pure functions'
+//! property tests are unit tests of the crate (`src/props.rs`).
 
 mod util;
 
@@ -10,6 +11,5 @@ mod handshake;
 mod hostile;
 mod lifecycle;
 mod notices;
-mod props;
 mod push;
 mod redis_faults;
