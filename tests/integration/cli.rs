@@ -157,7 +157,7 @@ fn bad_values_from_the_environment_are_refused_too() {
             .args(["--dev", "--workers", "1"])
             .env("PUSHWIRE_WORKERS", "0"),
     );
-    assert!(wait_until(Duration::from_secs(5), || node.log_contains("workers=1")));
+    assert!(wait_until(T, || node.log_contains("workers=1")));
     assert_eq!(node.admin_get("/readyz").0, 200);
 }
 

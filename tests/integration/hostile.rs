@@ -219,7 +219,7 @@ fn slowloris_handshakes_are_dropped_at_the_handshake_timeout() {
     });
     let took: Vec<Option<Duration>> = [&mut silent, &mut half, &mut trickle]
         .into_iter()
-        .map(|s| wait_closed(s, Duration::from_secs(5)).map(|_| t0.elapsed()))
+        .map(|s| wait_closed(s, T).map(|_| t0.elapsed()))
         .collect();
     eprintln!("slowloris: silent, half request, trickle dropped after {took:?} (timeout 1 s)");
     for t in &took {

@@ -13,3 +13,4 @@ mod lifecycle;
 mod notices;
 mod push;
 mod redis_faults;
+mod toolkit;

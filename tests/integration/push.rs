@@ -122,7 +122,7 @@ fn a_stalled_loop_overflows_its_inbox_safely_and_catches_up() {
     // The loop catches up: the user gets exactly what was not dropped, in order.
     let mut got = 0u64;
     let mut last = -1i64;
-    while let Some(t) = user.recv_text(Duration::from_secs(5)) {
+    while let Some(t) = user.recv_text(T) {
         let v: serde_json::Value = serde_json::from_str(&t).unwrap();
         let n = v["n"].as_i64().unwrap();
         assert!(n > last, "out of order: {n} after {last}");

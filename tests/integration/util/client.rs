@@ -11,6 +11,8 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 
+use super::T;
+
 pub struct Client {
     pub ws: WebSocket<MaybeTlsStream<TcpStream>>,
 }
@@ -53,9 +55,7 @@ impl Client {
         let host = req.uri().host().unwrap().to_string();
         let port = req.uri().port_u16().unwrap();
         let stream = TcpStream::connect((host.as_str(), port)).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
+        stream.set_read_timeout(Some(T)).unwrap();
         match tungstenite::client::client(req, MaybeTlsStream::Plain(stream)) {
             Ok((ws, _)) => Ok(Client { ws }),
             Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
