@@ -15,6 +15,8 @@ pub mod dispatch;
 pub mod http;
 pub mod metrics;
 pub mod notice;
+#[cfg(test)]
+mod props;
 pub mod sdnotify;
 pub mod server;
 pub mod sessions;

@@ -18,7 +18,8 @@ use tungstenite::Message;
 use crate::util::*;
 
 const BOOT: Duration = Duration::from_secs(45);
-const T: Duration = Duration::from_secs(15);
+/// A browser on a loaded box answers slower than the server: not [`T`].
+const PAGE_T: Duration = Duration::from_secs(15);
 
 /// The browser, killed with its whole process group on drop (also when the
 /// test fails).
@@ -167,7 +168,7 @@ impl Page {
         self.next_id += 1;
         let msg = json!({ "id": id, "method": method, "params": params });
         self.ws.ws.send(Message::Text(msg.to_string().into()))?;
-        let until = Instant::now() + T;
+        let until = Instant::now() + PAGE_T;
         while Instant::now() < until {
             match self.ws.ws.read() {
                 Ok(Message::Text(t)) => {
@@ -189,7 +190,7 @@ impl Page {
                 Err(e) => return Err(e),
             }
         }
-        panic!("DevTools {method}: no answer within {T:?}");
+        panic!("DevTools {method}: no answer within {PAGE_T:?}");
     }
 
     /// Evaluates a JavaScript expression in the page; returns its value.
@@ -268,7 +269,7 @@ fn demo_page_in_headless_chromium_shows_a_published_notice() {
         "page status: {}",
         page.eval("document.getElementById('status').textContent")
     );
-    assert!(node.wait_metric("pushwire_connections", T, |v| v == 1.0));
+    assert!(node.wait_metric("pushwire_connections", PAGE_T, |v| v == 1.0));
     assert_eq!(
         page.eval("document.getElementById('user').textContent"),
         "42"
@@ -284,14 +285,14 @@ fn demo_page_in_headless_chromium_shows_a_published_notice() {
     let (status, body) = node.publish(n1);
     assert_eq!(status, 202, "{body}");
     assert!(body.contains("\"receivers\":1"), "{body}");
-    let shown = page.eval_until(NOTICES, T, |v| !notices(v).is_empty());
+    let shown = page.eval_until(NOTICES, PAGE_T, |v| !notices(v).is_empty());
     assert_eq!(notices(&shown), vec![n1.to_string()], "byte for byte, once");
 
     // Another user's notice is not shown; markup in a notice stays text.
     assert_eq!(node.publish(r#"{"userId":"7","text":"not for 42"}"#).0, 202);
     let n2 = r#"{"userId":42,"text":"<b>bold?</b> & <script>x</script>"}"#;
     assert_eq!(node.publish(n2).0, 202);
-    let shown = page.eval_until(NOTICES, T, |v| notices(v).len() >= 2);
+    let shown = page.eval_until(NOTICES, PAGE_T, |v| notices(v).len() >= 2);
     assert_eq!(notices(&shown), vec![n1.to_string(), n2.to_string()]);
     assert_eq!(
         page.eval("document.querySelectorAll('li.notice b, li.notice script').length"),

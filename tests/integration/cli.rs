@@ -157,7 +157,7 @@ fn bad_values_from_the_environment_are_refused_too() {
             .args(["--dev", "--workers", "1"])
             .env("PUSHWIRE_WORKERS", "0"),
     );
-    assert!(wait_until(Duration::from_secs(5), || node.log_contains("workers=1")));
+    assert!(wait_until(T, || node.log_contains("workers=1")));
     assert_eq!(node.admin_get("/readyz").0, 200);
 }
 
@@ -193,8 +193,7 @@ fn an_empty_jwt_secret_is_refused() {
 #[test]
 fn an_empty_key_file_or_two_secrets_are_refused() {
     let _w = watchdog(20);
-    let dir = std::env::temp_dir().join(format!("pushwire-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("cli");
     let empty = dir.join("empty.key");
     std::fs::write(&empty, "\n").unwrap();
     let empty = empty.to_str().unwrap().to_string();
@@ -205,7 +204,6 @@ fn an_empty_key_file_or_two_secrets_are_refused() {
         line.contains("--jwt-secret") && line.contains("--jwt-secret-file"),
         "{line}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -8,19 +8,6 @@ use base64::Engine;
 
 use crate::util::*;
 
-const T: Duration = Duration::from_secs(5);
-
-/// The value of header `name` (case-insensitive) in a raw HTTP response.
-fn response_header(response: &str, name: &str) -> Option<String> {
-    let head = response.split("\r\n\r\n").next()?;
-    head.lines().skip(1).find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case(name)
-            .then(|| v.trim().to_string())
-    })
-}
-
 fn rejected(node: &Node, reason: &str) -> f64 {
     node.metric(&format!(
         "pushwire_handshake_rejected_total{{reason=\"{reason}\"}}"
@@ -102,7 +89,7 @@ fn missing_token_is_401() {
 fn bad_signature_is_401() {
     let _w = watchdog(20);
     let n = jwt_node(&[]);
-    let forged = pushwire::auth::sign_hs256(&serde_json::json!({"sub": "42"}), b"not-the-secret");
+    let forged = sign_hs256(&serde_json::json!({"sub": "42"}), b"not-the-secret");
     assert_eq!(
         status(Client::connect(&n.url(&format!("/ws?token={forged}")))),
         401
@@ -175,7 +162,7 @@ fn expired_token_is_401_but_leeway_is_honoured() {
         401
     );
     // nbf far in the future.
-    let future = pushwire::auth::sign_hs256(
+    let future = sign_hs256(
         &serde_json::json!({"sub": "42", "nbf": now + 600}),
         SECRET.as_bytes(),
     );
@@ -224,7 +211,7 @@ fn plain_get_without_upgrade_is_400_with_a_proper_http_answer() {
     let resp = http_raw(n.ws, req.as_bytes());
     let (st, body) = parse_response(resp.as_bytes());
     assert_eq!(st, 400, "{resp}");
-    let len: usize = response_header(&resp, "Content-Length")
+    let len: usize = header_value(&resp, "Content-Length")
         .unwrap_or_else(|| panic!("no Content-Length in {resp:?}"))
         .parse()
         .expect("numeric Content-Length");
@@ -234,7 +221,7 @@ fn plain_get_without_upgrade_is_400_with_a_proper_http_answer() {
         "Content-Length must match the body: {resp:?}"
     );
     assert_eq!(
-        response_header(&resp, "Connection")
+        header_value(&resp, "Connection")
             .map(|v| v.to_ascii_lowercase())
             .as_deref(),
         Some("close"),
@@ -279,7 +266,7 @@ fn origin_not_allowed_is_403_and_the_allowed_origin_works() {
     // No Origin header at all (not a browser): allowed.
     let mut d = Client::connect(&url).expect("no Origin header");
     assert_eq!(n.metric("pushwire_connections"), 2.0);
-    assert_eq!(d.recv_text(Duration::from_millis(10)), None);
+    d.expect_nothing(Duration::from_millis(10));
     assert_rejected(&n, &[("origin", 5.0)]);
 }
 
@@ -322,7 +309,7 @@ fn authorization_bearer_header_works() {
     // the header, when present, is the credential.
     let bad = format!(
         "Bearer {}",
-        pushwire::auth::sign_hs256(&serde_json::json!({"sub": "42"}), b"wrong")
+        sign_hs256(&serde_json::json!({"sub": "42"}), b"wrong")
     );
     let url = n.url(&format!("/ws?token={}", token("42", None)));
     assert_eq!(

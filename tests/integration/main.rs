@@ -1,6 +1,7 @@
 //! Behaviour over real sockets: the real `pushwire` binary, a real
 //! `redis-server` each test starts on a free port, real WebSocket clients,
-//! and a watchdog in every test so a hang fails fast.
+//! and a watchdog in every test so a hang fails fast. The pure functions'
+//! property tests are unit tests of the crate (`src/props.rs`).
 
 mod util;
 
@@ -10,9 +11,9 @@ mod handshake;
 mod hostile;
 mod lifecycle;
 mod notices;
-mod props;
 mod push;
 mod redis_faults;
 mod slow;
 mod startup;
 mod tokens;
+mod toolkit;

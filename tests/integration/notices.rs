@@ -1,23 +1,7 @@
 //! Notice validation (SPEC section 3) through Redis and through
 //! POST /publish, and standalone delivery through POST /publish.
 
-use std::time::Duration;
-
 use crate::util::*;
-
-const CHANNEL: &str = "websocket:sendMsgTopic";
-const T: Duration = Duration::from_secs(5);
-const MIB: usize = 1 << 20;
-
-/// A valid notice for `user` padded with a string field to exactly `len` bytes.
-fn padded_notice(user: &str, len: usize) -> String {
-    let head = format!(r#"{{"userId":"{user}","pad":""#);
-    let tail = r#""}"#;
-    let pad = len - head.len() - tail.len();
-    let s = format!("{head}{}{tail}", "x".repeat(pad));
-    assert_eq!(s.len(), len);
-    s
-}
 
 /// Messages that are not notices, each with what makes it invalid.
 fn invalid_payloads() -> Vec<(&'static str, Vec<u8>)> {
@@ -68,7 +52,10 @@ fn invalid_payloads() -> Vec<(&'static str, Vec<u8>)> {
             "not UTF-8",
             b"{\"userId\":\"42\",\"text\":\"\xff\xfe\"}".to_vec(),
         ),
-        ("over 1 MiB", padded_notice("42", MIB + 1).into_bytes()),
+        (
+            "over 1 MiB",
+            padded_notice(r#""userId":"42""#, MIB + 1).into_bytes(),
+        ),
     ]
 }
 
@@ -139,7 +126,7 @@ fn a_notice_of_exactly_one_mib_is_valid_and_delivered_byte_for_byte() {
     let redis = Redis::start();
     let node = Node::with_redis(&redis, &[]);
     let mut c = node.connect("42");
-    let big = padded_notice("42", MIB);
+    let big = padded_notice(r#""userId":"42""#, MIB);
     redis.publish(CHANNEL, big.as_bytes());
     let got = c.recv_text(T);
     assert_eq!(
@@ -159,18 +146,6 @@ fn a_notice_of_exactly_one_mib_is_valid_and_delivered_byte_for_byte() {
     let small = r#"{"userId":"42","text":"after"}"#;
     redis.publish(CHANNEL, small.as_bytes());
     assert_eq!(c.recv_text(T).as_deref(), Some(small));
-}
-
-/// POST /publish with a raw body; returns (status, body).
-fn post(node: &Node, body: &[u8]) -> (u16, String) {
-    let mut req = format!(
-        "POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    req.extend_from_slice(body);
-    let resp = http_raw(node.admin.unwrap(), &req);
-    parse_response(resp.as_bytes())
 }
 
 /// The reason a 400 gives: the `error` field of its JSON body.
@@ -195,7 +170,7 @@ fn check_publish_refusals(node: &Node, c: &mut Client) {
         (b"{\"userId\":\"42\",\"t\":\"\xff\"}", "UTF-8"),
     ];
     for (body, reason) in cases {
-        let (st, answer) = post(node, body);
+        let (st, answer) = node.publish_bytes(body);
         assert_eq!(st, 400, "{} -> {answer}", String::from_utf8_lossy(body));
         let why = error_reason(&answer);
         assert!(
@@ -205,15 +180,15 @@ fn check_publish_refusals(node: &Node, c: &mut Client) {
         );
     }
     // Over 1 MiB: 413, whether or not the server reads the body.
-    let big = padded_notice("42", MIB + 1);
-    let (st, answer) = post(node, big.as_bytes());
+    let big = padded_notice(r#""userId":"42""#, MIB + 1);
+    let (st, answer) = node.publish_bytes(big.as_bytes());
     assert_eq!(st, 413, "{answer}");
     // Exactly 1 MiB is not refused as too large.
-    let (st, answer) = post(node, padded_notice("nobody", MIB).as_bytes());
+    let (st, answer) = node.publish_bytes(padded_notice(r#""userId":"nobody""#, MIB).as_bytes());
     assert_eq!(st, 202, "{answer}");
     // None of them reached the client; the next valid one does.
     let ok = r#"{"userId":42,"text":"fine"}"#;
-    let (st, answer) = post(node, ok.as_bytes());
+    let (st, answer) = node.publish_bytes(ok.as_bytes());
     assert_eq!(st, 202, "{answer}");
     assert_eq!(c.recv_text(T).as_deref(), Some(ok));
 }

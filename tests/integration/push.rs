@@ -4,8 +4,6 @@ use std::time::Duration;
 
 use crate::util::*;
 
-const CHANNEL: &str = "websocket:sendMsgTopic";
-const T: Duration = Duration::from_secs(5);
 const QUIET: Duration = Duration::from_millis(300);
 
 #[test]
@@ -84,23 +82,10 @@ fn two_nodes_route_each_notice_to_exactly_the_right_connections() {
 #[test]
 fn a_panic_in_one_connection_costs_only_that_connection() {
     let _w = watchdog(30);
-    let mut cmd = std::process::Command::new(BIN);
-    cmd.args([
-        "--dev",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--workers",
-        "1",
-    ])
-    .env("PUSHWIRE_TEST_HOOKS", "1");
-    let node = Node::start_cmd(&mut cmd);
+    let node = Node::start_env(&["--dev", "--workers", "1"], TEST_HOOKS);
     let mut healthy = Client::connect(&node.url("/ws?user=1")).unwrap();
     let mut bad = Client::connect(&node.url("/ws?user=2")).unwrap();
-    bad.ws
-        .send(tungstenite::Message::text("__pushwire_test_panic__"))
-        .unwrap();
+    bad.send_text(PANIC_HOOK);
     assert_eq!(bad.recv_close(T), Some(1011));
     assert!(node.wait_metric("pushwire_connections", T, |v| v == 1.0));
     assert!(node.log_contains("a panic while handling"));
@@ -117,47 +102,18 @@ fn a_panic_in_one_connection_costs_only_that_connection() {
 fn a_stalled_loop_overflows_its_inbox_safely_and_catches_up() {
     let _w = watchdog(60);
     let redis = Redis::start();
-    let mut cmd = std::process::Command::new(BIN);
-    let url = redis.url();
-    cmd.args([
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--workers",
-        "1",
-    ])
-    .args([
-        "--redis",
-        &url,
-        "--jwt-secret",
-        SECRET,
-        "--canary-interval",
-        "0.5",
-    ])
-    .env("PUSHWIRE_TEST_HOOKS", "1");
-    let node = Node::start_cmd(&mut cmd);
-    assert!(node.wait_ready(T));
+    let node = Node::with_redis_env(&redis, &["--workers", "1"], TEST_HOOKS);
     let mut user = node.connect("42");
     let mut staller = node.connect("9");
-    staller
-        .ws
-        .send(tungstenite::Message::text("__pushwire_test_stall__"))
-        .unwrap();
+    staller.send_text(STALL_HOOK);
     // The loop sleeps 3 s; the subscriber must go on reading and drop what
     // the loop's inbox (16384 messages) cannot hold.
     std::thread::sleep(Duration::from_millis(300));
-    let client = redis::Client::open(url.as_str()).unwrap();
-    let mut con = client.get_connection().unwrap();
     let total = 30_000;
-    let mut pipe = redis::pipe();
-    for i in 0..total {
-        pipe.cmd("PUBLISH")
-            .arg(CHANNEL)
-            .arg(format!("{{\"userId\":42,\"n\":{i}}}"))
-            .ignore();
-    }
-    pipe.query::<()>(&mut con).unwrap();
+    publish_burst(
+        &mut redis.conn(),
+        (0..total).map(|i| format!("{{\"userId\":42,\"n\":{i}}}").into_bytes()),
+    );
     // Counted while the loop still sleeps: the subscriber did not wait on it.
     assert!(node.wait_metric("pushwire_notices_received_total", T, |v| v >= total as f64));
     let dropped = node.metric("pushwire_notices_dropped_total");
@@ -166,7 +122,7 @@ fn a_stalled_loop_overflows_its_inbox_safely_and_catches_up() {
     // The loop catches up: the user gets exactly what was not dropped, in order.
     let mut got = 0u64;
     let mut last = -1i64;
-    while let Some(t) = user.recv_text(Duration::from_secs(5)) {
+    while let Some(t) = user.recv_text(T) {
         let v: serde_json::Value = serde_json::from_str(&t).unwrap();
         let n = v["n"].as_i64().unwrap();
         assert!(n > last, "out of order: {n} after {last}");
@@ -206,15 +162,10 @@ fn a_pipelined_burst_of_broadcasts_and_targeted_notices_arrives_whole_and_in_ord
             ),
         })
         .collect();
-    let mut con = redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection_with_timeout(T)
-        .unwrap();
-    let mut pipe = redis::pipe();
-    for n in &notices {
-        pipe.cmd("PUBLISH").arg(CHANNEL).arg(n).ignore();
-    }
-    pipe.query::<()>(&mut con).unwrap();
+    publish_burst(
+        &mut redis.conn(),
+        notices.iter().map(|n| n.clone().into_bytes()),
+    );
     for n in &notices {
         assert_eq!(a.recv_text(T).as_deref(), Some(n.as_str()));
     }

@@ -6,26 +6,8 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-const CHANNEL: &str = "websocket:sendMsgTopic";
-const T: Duration = Duration::from_secs(5);
 /// Reconnects back off up to 3 s (plus jitter): room for a couple of tries.
 const RECOVER: Duration = Duration::from_secs(10);
-
-/// A pushwire node on `redis_url` (JWT auth, `--canary-interval 0.5`),
-/// not waiting for readiness: for Redis URLs with credentials, or a Redis
-/// that is down.
-fn node_on_url(redis_url: &str, args: &[&str]) -> Node {
-    let mut all = vec![
-        "--redis",
-        redis_url,
-        "--jwt-secret",
-        SECRET,
-        "--canary-interval",
-        "0.5",
-    ];
-    all.extend_from_slice(args);
-    Node::start(&all)
-}
 
 fn readyz(node: &Node) -> u16 {
     node.admin_get("/readyz").0
@@ -225,7 +207,7 @@ fn a_half_open_link_is_replaced_and_clients_are_told_to_resync() {
     let redis = Redis::start();
     let proxy = Proxy::start(redis.port);
     let resync = r#"{"resync":"half-open"}"#;
-    let node = node_on_url(
+    let node = Node::on_redis_url(
         &format!("redis://127.0.0.1:{}", proxy.port),
         &["--resync-notice", resync],
     );
@@ -316,7 +298,7 @@ fn redis_with_a_password_and_a_db_works_end_to_end() {
         .expect("set requirepass");
     let auth = ["-a", pw, "--no-auth-warning"];
     let url = format!("redis://:{pw_in_url}@127.0.0.1:{}/2", redis.port);
-    let node = node_on_url(&url, &[]);
+    let node = Node::on_redis_url(&url, &[]);
     assert!(node.wait_ready(RECOVER), "ready with a password");
     let mut c = node.connect("42");
 
@@ -364,7 +346,7 @@ fn redis_acl_user_works_and_a_wrong_password_is_not_ready() {
         ])
         .expect("ACL SETUSER");
     let url = format!("redis://pusher:pusher-pw@127.0.0.1:{}", redis.port);
-    let node = node_on_url(&url, &[]);
+    let node = Node::on_redis_url(&url, &[]);
     assert!(node.wait_ready(RECOVER), "ready as an ACL user");
     let mut c = node.connect("42");
     let n1 = r#"{"userId":"42","text":"acl"}"#;
@@ -381,7 +363,7 @@ fn redis_acl_user_works_and_a_wrong_password_is_not_ready() {
 
     // The wrong password: running, never ready, says why.
     let bad = format!("redis://pusher:wrong-pw-123@127.0.0.1:{}", redis.port);
-    let other = node_on_url(&bad, &[]);
+    let other = Node::on_redis_url(&bad, &[]);
     assert!(
         !wait_until(Duration::from_secs(2), || readyz(&other) == 200),
         "ready with a wrong password"
@@ -405,7 +387,7 @@ fn node_started_while_redis_is_down_becomes_ready_when_it_comes_up() {
     let _w = watchdog(30);
     let mut redis = Redis::start();
     redis.kill();
-    let node = node_on_url(&redis.url(), &[]);
+    let node = Node::on_redis_url(&redis.url(), &[]);
     // Running and serving, not ready.
     assert_eq!(node.admin_get("/healthz").0, 200);
     assert_eq!(readyz(&node), 503);

@@ -1,7 +1,9 @@
 //! Property tests of the pure parts: notice parsing, HS256 tokens, and the
-//! upgrade checks. They run `PROPTEST_CASES` cases each (proptest reads the
+//! upgrade checks. Unit tests of the crate (included from `lib.rs` under
+//! `cfg(test)`), so what they reach in `auth` and `notice` need not be
+//! public. They run `PROPTEST_CASES` cases each (proptest reads the
 //! variable), 2000 when it is not set, so `cargo test` stays quick; for a
-//! long run: `PROPTEST_CASES=1000000 cargo test --release --test integration props::`.
+//! long run: `PROPTEST_CASES=1000000 cargo test --release --lib props::`.
 
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
@@ -10,9 +12,9 @@ use serde_json::{Number, Value};
 use tungstenite::handshake::machine::TryParse;
 use tungstenite::handshake::server::Request;
 
-use pushwire::auth::{self, Claims, JwtError, Policy};
-use pushwire::config::AuthMode;
-use pushwire::notice::{self, Route, MAX_NOTICE_BYTES};
+use crate::auth::{self, Claims, JwtError, Policy};
+use crate::config::AuthMode;
+use crate::notice::{self, Route, MAX_NOTICE_BYTES};
 
 fn config() -> ProptestConfig {
     // `default()` honours PROPTEST_CASES (and the other PROPTEST_* variables).
