@@ -88,7 +88,7 @@ end
 -- accepts but the nodes refused would be in history yet never delivered
 -- live. cjson checks the structure; a small lexer refuses what cjson lets
 -- through and serde_json does not (hex, leading zeros, inf/nan, raw
--- control characters in strings, out-of-range numbers) and gives the raw
+-- control characters in strings) and gives the raw
 -- text of the routing fields (duplicates, 42 vs 42.0, integers past 2^53).
 
 local function valid_utf8(s)
@@ -152,9 +152,6 @@ local function lex_check(s)
       local _, x = string.find(s, '^[eE][%+%-]?%d+', k)
       if x then
         k = x + 1
-      end
-      if (f or x) and math.abs(tonumber(string.sub(s, j, k - 1)) or math.huge) == math.huge then
-        return 'number out of range at byte ' .. j
       end
       i = k
     else
@@ -345,7 +342,15 @@ end
 local function record(key, id, ms, notice, now)
   local fresh = redis.call('EXISTS', key) == 0
   local before = fresh and 0 or redis.call('XLEN', key)
-  redis.call('XADD', key, 'MAXLEN', '~', SIZE, id, 'n', notice)
+  local added = redis.pcall('XADD', key, 'MAXLEN', '~', SIZE, id, 'n', notice)
+  if type(added) == 'table' and added.err then
+    -- Only a stream of an earlier epoch (its `last` was lost, not the
+    -- stream) can hold an id >= a new one: what it holds is unknown to
+    -- every client now, so start it afresh.
+    redis.call('DEL', key)
+    fresh = true
+    redis.call('XADD', key, 'MAXLEN', '~', SIZE, id, 'n', notice)
+  end
   if fresh then
     -- An earlier stream of this key may have expired: its entries are at
     -- most (now - TTL)-*, since each stream expires TTL after the id of its

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod dispatch;
+pub mod history;
 pub mod metrics;
 pub mod notice;
 pub mod sdnotify;
