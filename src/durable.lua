@@ -9,8 +9,12 @@
 --   FCALL    __PREFIX___publish 0 <notice>
 --     -> the notice's client id "<epoch>:<ms>-<seq>", or an error reply
 --        "BADNOTICE <reason>" (nothing stored, nothing sent).
---   FCALL_RO __PREFIX___history 0 <userId> <since> <limit>
+--   FCALL_RO __PREFIX___history 0 <userId> <since> <limit> [<max_bytes>]
 --     -> {"ok"|"missed", <last client id or "">, id1, notice1, id2, ...}
+--        "ok": these are all the notices after since (user and broadcast,
+--        in id order); "missed": history cannot prove that (no entries).
+--        More than limit entries, or more than max_bytes of notices (0:
+--        no bound), is "missed" too.
 --   FCALL_RO __PREFIX___version 0
 --     -> VERSION (integer)
 --
@@ -440,8 +444,11 @@ end
 
 local function history(keys, args)
   local limit = tonumber(args[3] or '')
-  if #keys ~= 0 or #args ~= 3 or not limit or limit < 1 or limit > MAX_LIMIT or limit % 1 ~= 0 then
-    return redis.error_reply('ERR usage: FCALL_RO ' .. PREFIX .. '_history 0 <userId> <since> <limit 1..' .. MAX_LIMIT .. '>')
+  local max_bytes = tonumber(args[4] or '0')
+  if #keys ~= 0 or #args < 3 or #args > 4 or not limit or limit < 1 or limit > MAX_LIMIT
+    or limit % 1 ~= 0 or not max_bytes or max_bytes < 0 then
+    return redis.error_reply('ERR usage: FCALL_RO ' .. PREFIX .. '_history 0 <userId> <since> <limit 1..'
+      .. MAX_LIMIT .. '> [<max notice bytes, 0 = no limit>]')
   end
   local user, since = args[1], args[2]
   local epoch = redis.call('GET', EPOCH_KEY)
@@ -470,6 +477,18 @@ local function history(keys, args)
   local b = a and read_stream(BROADCAST_KEY, sms, sseq, s, limit, now)
   if not b or #a + #b > limit then
     return { 'missed', last_client }
+  end
+  if max_bytes > 0 then
+    -- A replay the client's queue could not hold is no recovery either.
+    local total = 0
+    for _, list in ipairs({ a, b }) do
+      for _, e in ipairs(list) do
+        total = total + #e[2][2]
+      end
+    end
+    if total > max_bytes then
+      return { 'missed', last_client }
+    end
   end
   local out = { 'ok', last_client }
   local i, j = 1, 1

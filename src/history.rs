@@ -50,9 +50,8 @@ impl Id {
 }
 
 fn canonical_u64(s: &str) -> Option<u64> {
-    let ok = !s.is_empty()
-        && s.bytes().all(|b| b.is_ascii_digit())
-        && (s == "0" || !s.starts_with('0'));
+    let ok =
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
     if ok {
         s.parse().ok()
     } else {
@@ -306,26 +305,38 @@ pub struct Recovered {
     pub last: Id,
 }
 
-fn history_cmd(prefix: &str, user: &str, since: &ClientId, limit: usize) -> redis::Cmd {
+/// How much one recovery may bring back. Past either bound the answer is
+/// [`History::Missed`]: the client refetches instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    /// Entries, user and broadcast together. Give at least 2 x
+    /// `--history-size`: approximate trimming keeps up to
+    /// `--history-size` + 99 entries in a stream.
+    pub entries: usize,
+    /// Notice bytes in all (0: no bound). `--max-queue-bytes` is the
+    /// natural value: a larger replay would cut the client as a slow
+    /// consumer anyway.
+    pub bytes: usize,
+}
+
+fn history_cmd(prefix: &str, user: &str, since: &ClientId, limit: Limit) -> redis::Cmd {
     let mut c = redis::cmd("FCALL_RO");
     c.arg(format!("{prefix}_history"))
         .arg(0)
         .arg(user)
         .arg(since.to_string())
-        .arg(limit.max(1));
+        .arg(limit.entries.clamp(1, 100_000))
+        .arg(limit.bytes);
     c
 }
 
-/// One recovery read. `limit` bounds the entries (user and broadcast
-/// together); more than that after `since` is [`History::Missed`]. Give at
-/// least 2 x `--history-size`: approximate trimming keeps up to
-/// `--history-size` + 99 entries in a stream.
+/// One recovery read.
 pub fn read_history<C: ConnectionLike>(
     conn: &mut C,
     prefix: &str,
     user: &str,
     since: &ClientId,
-    limit: usize,
+    limit: Limit,
 ) -> RedisResult<History> {
     let v: Value = history_cmd(prefix, user, since, limit).query(conn)?;
     parse_history(v)
@@ -337,7 +348,7 @@ pub fn read_histories<C: ConnectionLike>(
     conn: &mut C,
     prefix: &str,
     requests: &[(&str, &ClientId)],
-    limit: usize,
+    limit: Limit,
 ) -> RedisResult<Vec<RedisResult<History>>> {
     if requests.is_empty() {
         return Ok(Vec::new());
@@ -405,6 +416,10 @@ pub(crate) mod test_redis {
                 .and_then(|l| l.local_addr())
                 .map(|a| a.port())
                 .expect("free port");
+            TestRedis::start_on(port)
+        }
+
+        pub fn start_on(port: u16) -> TestRedis {
             let child = Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no"])
@@ -476,6 +491,10 @@ mod tests {
         ClientId::parse(&p.id).unwrap()
     }
 
+    fn lim(entries: usize) -> Limit {
+        Limit { entries, bytes: 0 }
+    }
+
     fn recovered(h: History) -> Recovered {
         match h {
             History::Recovered(r) => r,
@@ -498,7 +517,11 @@ mod tests {
 
     #[test]
     fn history_ids_parse_strictly_and_round_trip() {
-        for s in ["abc123:1764620000123-0", "0:0-0", "z:18446744073709551615-7"] {
+        for s in [
+            "abc123:1764620000123-0",
+            "0:0-0",
+            "z:18446744073709551615-7",
+        ] {
             assert_eq!(ClientId::parse(s).unwrap().to_string(), s);
         }
         for s in [
@@ -546,7 +569,12 @@ mod tests {
             b"{\"userId\":\"42\"}",
             b"",
         ] {
-            assert_eq!(parse_envelope(bad), None, "{}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                parse_envelope(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
@@ -613,7 +641,11 @@ mod tests {
                         }
                         _ => reason == want,
                     };
-                    assert!(same, "{:?}: {reason:?} vs {want:?}", String::from_utf8_lossy(input));
+                    assert!(
+                        same,
+                        "{:?}: {reason:?} vs {want:?}",
+                        String::from_utf8_lossy(input)
+                    );
                 }
                 other => panic!("{:?} -> {other:?}", String::from_utf8_lossy(input)),
             }
@@ -623,8 +655,14 @@ mod tests {
         let good: &[(&str, &[&str])] = &[
             (r#"{"userId":"42","text":"x"}"#, &["42"]),
             (r#"{"userId":42}"#, &["42"]),
-            (r#"{"userId":-9223372036854775808}"#, &["-9223372036854775808"]),
-            (r#"{"userId":18446744073709551615}"#, &["18446744073709551615"]),
+            (
+                r#"{"userId":-9223372036854775808}"#,
+                &["-9223372036854775808"],
+            ),
+            (
+                r#"{"userId":18446744073709551615}"#,
+                &["18446744073709551615"],
+            ),
             (r#"{"userIds":[7,"42",7]}"#, &["42", "7"]),
             (r#"{"userIds":[]}"#, &[]),
             (r#" {"broadcast":true,"a":[1,{"b":null}],"c":-1.5e-3}"#, &[]),
@@ -690,8 +728,12 @@ mod tests {
             ("pushwire:history:b", vec![a.id]),
             ("pushwire:broadcast", vec![b.id]),
         ] {
-            let got: Vec<(String, Vec<(String, String)>)> =
-                redis::cmd("XRANGE").arg(key).arg("-").arg("+").query(&mut c).unwrap();
+            let got: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+                .arg(key)
+                .arg("-")
+                .arg("+")
+                .query(&mut c)
+                .unwrap();
             let got: Vec<Id> = got.iter().map(|e| Id::parse(&e.0).unwrap()).collect();
             assert_eq!(got, ids, "{key}");
             let ttl: i64 = redis::cmd("PTTL").arg(key).query(&mut c).unwrap();
@@ -712,27 +754,60 @@ mod tests {
             r#"{"userId":42,"n":6}"#,
         ];
         let ids: Vec<ClientId> = want.iter().map(|n| publish_ok(&mut c, n)).collect();
-        let r = recovered(read_history(&mut c, P, "42", &first, 100).unwrap());
-        let mine: Vec<&str> = want.iter().copied().filter(|n| !n.contains(r#""7","n":3"#)).collect();
+        let r = recovered(read_history(&mut c, P, "42", &first, lim(100)).unwrap());
+        let mine: Vec<&str> = want
+            .iter()
+            .copied()
+            .filter(|n| !n.contains(r#""7","n":3"#))
+            .collect();
         assert_eq!(notices(&r), mine);
         assert!(r.entries.windows(2).all(|w| w[0].0 < w[1].0));
         assert_eq!(r.last, ids[5].id);
         assert_eq!(r.entries[0].1, ids[0].to_string());
         // Only ids after since.
-        let r = recovered(read_history(&mut c, P, "42", &ids[3], 100).unwrap());
+        let r = recovered(read_history(&mut c, P, "42", &ids[3], lim(100)).unwrap());
         assert_eq!(notices(&r), [want[4], want[5]]);
-        let r = recovered(read_history(&mut c, P, "42", &ids[5], 100).unwrap());
+        let r = recovered(read_history(&mut c, P, "42", &ids[5], lim(100)).unwrap());
         assert!(r.entries.is_empty());
         // A user with no history of their own still gets the broadcasts.
-        let r = recovered(read_history(&mut c, P, "nobody", &first, 100).unwrap());
+        let r = recovered(read_history(&mut c, P, "nobody", &first, lim(100)).unwrap());
         assert_eq!(notices(&r), [want[1], want[4]]);
         // Over the limit: cannot be complete.
-        assert_eq!(read_history(&mut c, P, "42", &first, 4).unwrap(), History::Missed);
-        assert!(matches!(read_history(&mut c, P, "42", &first, 5).unwrap(), History::Recovered(_)));
+        assert_eq!(
+            read_history(&mut c, P, "42", &first, lim(4)).unwrap(),
+            History::Missed
+        );
+        assert!(matches!(
+            read_history(&mut c, P, "42", &first, lim(5)).unwrap(),
+            History::Recovered(_)
+        ));
+        // Over the byte bound: missed too.
+        let bytes: usize = want
+            .iter()
+            .filter(|n| !n.contains(r#""7","n":3"#))
+            .map(|n| n.len())
+            .sum();
+        for (b, ok) in [(bytes, true), (bytes - 1, false)] {
+            let h = read_history(
+                &mut c,
+                P,
+                "42",
+                &first,
+                Limit {
+                    entries: 100,
+                    bytes: b,
+                },
+            )
+            .unwrap();
+            assert_eq!(matches!(h, History::Recovered(_)), ok, "{b}");
+        }
         // Pipelined form.
-        let many = read_histories(&mut c, P, &[("42", &first), ("7", &ids[2])], 100).unwrap();
+        let many = read_histories(&mut c, P, &[("42", &first), ("7", &ids[2])], lim(100)).unwrap();
         assert_eq!(notices(&recovered(many[0].clone().unwrap())).len(), 5);
-        assert_eq!(notices(&recovered(many[1].clone().unwrap())), [want[3], want[4]]);
+        assert_eq!(
+            notices(&recovered(many[1].clone().unwrap())),
+            [want[3], want[4]]
+        );
     }
 
     #[test]
@@ -753,7 +828,10 @@ mod tests {
             n += 1;
             assert!(n < 1000, "never trimmed");
         }
-        assert_eq!(read_history(&mut c, P, "42", &since, 100_000).unwrap(), History::Missed);
+        assert_eq!(
+            read_history(&mut c, P, "42", &since, lim(100_000)).unwrap(),
+            History::Missed
+        );
         // A since that is still held is complete.
         let first: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
             .arg("pushwire:history:42")
@@ -767,7 +845,7 @@ mod tests {
             epoch: since.epoch.clone(),
             id: Id::parse(&first[0].0).unwrap(),
         };
-        let r = recovered(read_history(&mut c, P, "42", &held, 100_000).unwrap());
+        let r = recovered(read_history(&mut c, P, "42", &held, lim(100_000)).unwrap());
         assert_eq!(r.entries.last().unwrap().0, last.id);
         assert!(!r.entries.is_empty());
     }
@@ -778,7 +856,7 @@ mod tests {
         let since = publish_ok(&mut c, r#"{"userId":"42","n":0}"#);
         publish_ok(&mut c, r#"{"userId":"42","n":1}"#);
         assert!(matches!(
-            read_history(&mut c, P, "42", &since, 100).unwrap(),
+            read_history(&mut c, P, "42", &since, lim(100)).unwrap(),
             History::Recovered(_)
         ));
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -791,13 +869,19 @@ mod tests {
             assert!(Instant::now() < deadline, "never expired");
             std::thread::sleep(Duration::from_millis(50));
         }
-        assert_eq!(read_history(&mut c, P, "42", &since, 100).unwrap(), History::Missed);
+        assert_eq!(
+            read_history(&mut c, P, "42", &since, lim(100)).unwrap(),
+            History::Missed
+        );
         // And a new stream of that user remembers that the old one expired.
         publish_ok(&mut c, r#"{"userId":"42","n":2}"#);
-        assert_eq!(read_history(&mut c, P, "42", &since, 100).unwrap(), History::Missed);
+        assert_eq!(
+            read_history(&mut c, P, "42", &since, lim(100)).unwrap(),
+            History::Missed
+        );
         // A since newer than the TTL with no stream at all is complete.
         let fresh = publish_ok(&mut c, r#"{"userId":"other"}"#);
-        let r = recovered(read_history(&mut c, P, "someone", &fresh, 100).unwrap());
+        let r = recovered(read_history(&mut c, P, "someone", &fresh, lim(100)).unwrap());
         assert!(r.entries.is_empty());
     }
 
@@ -806,10 +890,16 @@ mod tests {
         let (_r, mut c) = setup(100, 300);
         let old = publish_ok(&mut c, r#"{"userId":"42","n":0}"#);
         redis::cmd("FLUSHALL").query::<()>(&mut c).unwrap();
-        assert_eq!(read_history(&mut c, P, "42", &old, 100).unwrap(), History::Missed);
+        assert_eq!(
+            read_history(&mut c, P, "42", &old, lim(100)).unwrap(),
+            History::Missed
+        );
         let new = publish_ok(&mut c, r#"{"userId":"42","n":1}"#);
         assert_ne!(new.epoch, old.epoch);
-        assert_eq!(read_history(&mut c, P, "42", &old, 100).unwrap(), History::Missed);
+        assert_eq!(
+            read_history(&mut c, P, "42", &old, lim(100)).unwrap(),
+            History::Missed
+        );
         // Losing only the last id is a loss too: a new epoch. A stream left
         // with ids above the new ones is started afresh.
         redis::cmd("XADD")
@@ -819,14 +909,20 @@ mod tests {
             .arg("stale")
             .query::<String>(&mut c)
             .unwrap();
-        redis::cmd("DEL").arg("pushwire:last").query::<()>(&mut c).unwrap();
+        redis::cmd("DEL")
+            .arg("pushwire:last")
+            .query::<()>(&mut c)
+            .unwrap();
         let newer = publish_ok(&mut c, r#"{"userId":"42","n":2}"#);
         assert_ne!(newer.epoch, new.epoch);
         let newest = publish_ok(&mut c, r#"{"userId":"42","n":3}"#);
-        let r = recovered(read_history(&mut c, P, "42", &newer, 100).unwrap());
+        let r = recovered(read_history(&mut c, P, "42", &newer, lim(100)).unwrap());
         assert_eq!(notices(&r), [r#"{"userId":"42","n":3}"#]);
         assert_eq!(r.last, newest.id);
-        assert_eq!(read_history(&mut c, P, "42", &new, 100).unwrap(), History::Missed);
+        assert_eq!(
+            read_history(&mut c, P, "42", &new, lim(100)).unwrap(),
+            History::Missed
+        );
     }
 
     #[test]
@@ -840,7 +936,10 @@ mod tests {
                 seq: id.id.seq + 1,
             },
         };
-        assert_eq!(read_history(&mut c, P, "42", &ahead, 100).unwrap(), History::Missed);
+        assert_eq!(
+            read_history(&mut c, P, "42", &ahead, lim(100)).unwrap(),
+            History::Missed
+        );
         let far = ClientId {
             epoch: id.epoch.clone(),
             id: Id {
@@ -848,14 +947,20 @@ mod tests {
                 seq: u64::MAX,
             },
         };
-        assert_eq!(read_history(&mut c, P, "42", &far, 100).unwrap(), History::Missed);
+        assert_eq!(
+            read_history(&mut c, P, "42", &far, lim(100)).unwrap(),
+            History::Missed
+        );
         let other_epoch = ClientId {
             epoch: "zzz".into(),
             id: id.id,
         };
-        assert_eq!(read_history(&mut c, P, "42", &other_epoch, 100).unwrap(), History::Missed);
+        assert_eq!(
+            read_history(&mut c, P, "42", &other_epoch, lim(100)).unwrap(),
+            History::Missed
+        );
         assert!(matches!(
-            read_history(&mut c, P, "42", &id, 100).unwrap(),
+            read_history(&mut c, P, "42", &id, lim(100)).unwrap(),
             History::Recovered(_)
         ));
     }
@@ -865,7 +970,9 @@ mod tests {
         let r = TestRedis::start();
         let mut c = r.conn();
         assert_eq!(
-            publish(&mut c, P, br#"{"userId":"1"}"#).unwrap_err().to_string(),
+            publish(&mut c, P, br#"{"userId":"1"}"#)
+                .unwrap_err()
+                .to_string(),
             PublishError::NoLibrary.to_string()
         );
         assert_eq!(

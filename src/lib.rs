@@ -15,6 +15,7 @@ pub mod dispatch;
 pub mod history;
 pub mod metrics;
 pub mod notice;
+pub mod replay;
 pub mod sdnotify;
 pub mod server;
 pub mod sessions;
