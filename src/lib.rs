@@ -12,11 +12,13 @@ pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod dispatch;
+pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod notice;
 #[cfg(test)]
 mod props;
+pub mod replay;
 pub mod sdnotify;
 pub mod server;
 pub mod sessions;
