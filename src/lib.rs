@@ -12,6 +12,7 @@ pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod dispatch;
+pub mod http;
 pub mod metrics;
 pub mod notice;
 pub mod sdnotify;
@@ -33,8 +34,10 @@ use dispatch::WorkerHandle;
 /// Everything the threads share. Sockets are not in here: each loop owns its own.
 pub struct Shared {
     pub config: Config,
-    pub policy: auth::Policy,
+    /// The HS256 key (SIGHUP re-reads `--jwt-secret-file`).
     pub keys: auth::Keys,
+    /// The admin token, when `config.admin_token` is set (SIGHUP re-reads it).
+    pub admin_token: auth::Keys,
     pub sessions: sessions::Sessions,
     pub metrics: metrics::Metrics,
     pub workers: Vec<WorkerHandle>,
@@ -139,8 +142,6 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         None => None,
     };
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
-    let keys = auth::Keys::new(config.jwt_key.clone())
-        .map_err(|e| StartError::Io("--jwt-secret-file", e))?;
 
     let mut polls = Vec::new();
     let mut workers = Vec::new();
@@ -150,17 +151,17 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         polls.push((poll, inbox));
         workers.push(handle);
     }
-    if config.auth == config::AuthMode::Query && !ws_addr.ip().is_loopback() {
+    if config.auth.mode == auth::AuthMode::Query && !ws_addr.ip().is_loopback() {
         log::warn!("--auth query trusts ?user= from anyone: use it for local trials only, not on {ws_addr}");
     }
     let shared = Arc::new(Shared {
-        policy: auth::Policy::from_config(&config),
-        keys,
+        keys: auth::Keys::new(config.jwt_key.clone()),
+        admin_token: auth::Keys::new(config.admin_token.clone().unwrap_or_default()),
         sessions: Default::default(),
         metrics: Default::default(),
         workers,
         shutting_down: AtomicBool::new(false),
-        redis_ready: AtomicBool::new(config.redis_url.is_none()),
+        redis_ready: AtomicBool::new(config.redis.is_none()),
         started: Instant::now(),
         config,
     });
@@ -176,13 +177,13 @@ pub fn start(config: Config) -> Result<Server, StartError> {
             .map_err(|e| StartError::Io("spawn", e))?;
         loops.push(t);
     }
-    let subscriber = match shared.config.redis_url.clone() {
-        Some(url) => {
+    let subscriber = match shared.config.redis.clone() {
+        Some(target) => {
             let s = shared.clone();
             Some(
                 std::thread::Builder::new()
                     .name("subscriber".into())
-                    .spawn(move || subscriber::run(url, s))
+                    .spawn(move || subscriber::run(target, s))
                     .map_err(|e| StartError::Io("spawn", e))?,
             )
         }
@@ -199,9 +200,9 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         shared.config.workers,
         shared
             .config
-            .redis_url
-            .as_deref()
-            .map_or("off (standalone)".to_string(), redact),
+            .redis
+            .as_ref()
+            .map_or("off (standalone)".to_string(), |r| r.to_string()),
     );
     Ok(Server {
         shared,
@@ -257,15 +258,25 @@ pub fn run(config: Config) -> Result<(), StartError> {
         }
         for sig in signals.pending() {
             match sig {
-                SIGHUP => match shared.keys.reload() {
-                    Ok(true) => log::info!(
-                        "SIGHUP: re-read the JWT key file; new connections need the new key"
-                    ),
-                    Ok(false) => log::info!("SIGHUP: no --jwt-secret-file to re-read"),
-                    Err(e) => log::error!(
-                        "SIGHUP: cannot re-read the JWT key file, keeping the old key: {e}"
-                    ),
-                },
+                SIGHUP => {
+                    match config::reload(shared.config.jwt_key_file.as_deref(), &shared.keys) {
+                        Ok(true) => log::info!(
+                            "SIGHUP: re-read the JWT key file; new connections need the new key"
+                        ),
+                        Ok(false) => log::info!("SIGHUP: no --jwt-secret-file to re-read"),
+                        Err(e) => log::error!(
+                            "SIGHUP: cannot re-read the JWT key file, keeping the old key: {e}"
+                        ),
+                    }
+                    let admin = shared.config.admin_token_file.as_deref();
+                    match config::reload(admin, &shared.admin_token) {
+                        Ok(true) => log::info!("SIGHUP: re-read the admin token file"),
+                        Ok(false) => {}
+                        Err(e) => log::error!(
+                            "SIGHUP: cannot re-read the admin token file, keeping the old token: {e}"
+                        ),
+                    }
+                }
                 _ if drain_started.is_some() => {
                     log::warn!("second stop signal during the drain: exiting now");
                     std::process::exit(1);
@@ -301,7 +312,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
             }
         }
         if notify.is_enabled() && last_status.elapsed() >= status_every {
-            let redis = match (&shared.config.redis_url, shared.is_ready()) {
+            let redis = match (&shared.config.redis, shared.is_ready()) {
                 (None, _) => "standalone",
                 (Some(_), true) => "redis subscribed",
                 (Some(_), false) => "redis NOT subscribed",

@@ -303,7 +303,7 @@ impl Worker {
                     } else if let Err(Inbox::Accepted(..)) =
                         self.shared.workers[target].send(Inbox::Accepted(sock, peer))
                     {
-                        self.shared.metrics.reject("limit");
+                        self.shared.metrics.reject(auth::Reason::Limit);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -322,7 +322,7 @@ impl Worker {
                     if self.reserve_fd.take().is_some() {
                         while let Ok((sock, _)) = listener.accept() {
                             drop(sock);
-                            self.shared.metrics.reject("limit");
+                            self.shared.metrics.reject(auth::Reason::Limit);
                         }
                     }
                     // Reopen it (or retry a reserve lost to another thread).
@@ -611,7 +611,7 @@ impl Worker {
                 now,
             );
         }
-        if req.uri().path() != shared.policy.path {
+        if req.uri().path() != shared.config.auth.path {
             return self.refuse(slot, auth::NOT_FOUND, now);
         }
         let Ok(response) = create_response(&req) else {
@@ -622,7 +622,7 @@ impl Worker {
         }
         let identity = match auth::check(
             &req,
-            &shared.policy,
+            &shared.config.auth,
             &shared.keys.current(),
             auth::unix_now(),
         ) {
@@ -708,16 +708,7 @@ impl Worker {
         else {
             return;
         };
-        let reason = match status {
-            200 => "OK",
-            400 => "Bad Request",
-            401 => "Unauthorized",
-            403 => "Forbidden",
-            404 => "Not Found",
-            405 => "Method Not Allowed",
-            431 => "Request Header Fields Too Large",
-            _ => "Service Unavailable",
-        };
+        let reason = crate::http::reason_phrase(status);
         let mut head = format!(
             "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n",
             body.len()
@@ -923,8 +914,7 @@ impl Worker {
             }
         }
         let m = &self.shared.metrics;
-        m.handshake_rejected[crate::metrics::reason_index("timeout")]
-            .fetch_add(handshake_timeouts, Ordering::Relaxed);
+        m.reject_n(auth::Reason::Timeout, handshake_timeouts);
         m.idle_closed
             .fetch_add(idle_out.len() as u64, Ordering::Relaxed);
         m.token_expired_closed

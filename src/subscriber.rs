@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use redis::{Client, Connection, RedisResult, Value};
 
+use crate::config::RedisTarget;
 use crate::{dispatch, notice, Shared};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -108,15 +109,8 @@ struct State {
     proven: bool,
 }
 
-pub fn run(url: String, shared: Arc<Shared>) {
-    let client = match Client::open(url.as_str()) {
-        Ok(c) => c,
-        Err(e) => {
-            // The URL was validated at start; this cannot happen.
-            log::error!("redis: bad URL: {e}");
-            return;
-        }
-    };
+pub fn run(target: RedisTarget, shared: Arc<Shared>) {
+    let client = target.client();
     let canary = format!("pushwire:canary:{:016x}", random_u64());
     let mut backoff = BACKOFF_MIN;
     let mut st = State {
