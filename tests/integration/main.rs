@@ -4,6 +4,7 @@
 
 mod util;
 
+mod admin_auth;
 mod browser;
 mod cli;
 mod handshake;
