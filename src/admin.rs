@@ -1,17 +1,25 @@
 //! The admin listener: plain HTTP/1.1 on its own port (default
 //! 127.0.0.1:9090), away from the loops' hot path. `/healthz`, `/readyz`,
 //! `/metrics` and `POST /publish`. One short-lived thread per request, at
-//! most [`MAX_CONCURRENT`] at once, each with read and write timeouts, so a
-//! slow client cannot hold the health checks hostage.
+//! most [`MAX_CONCURRENT`] at once, each with a deadline for the whole
+//! request, so a slow client cannot hold the health checks or a publish
+//! slot hostage.
+//!
+//! With `--admin-token-file`, `POST /publish` (and every endpoint that
+//! reveals users) needs `Authorization: Bearer <token>`; health and
+//! readiness stay open for load balancers, `/metrics` too unless
+//! `--admin-protect-metrics`.
 
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crate::auth;
 use crate::config::Config;
 use crate::dispatch::Delivery;
+use crate::http::reason_phrase;
 use crate::metrics::Metrics;
 use crate::notice::{self, NoticeError, MAX_NOTICE_BYTES};
 use crate::sessions::Sessions;
@@ -24,6 +32,7 @@ pub struct Ctx {
     pub status: Arc<Status>,
     pub metrics: Arc<Metrics>,
     pub sessions: Arc<Sessions>,
+    pub admin_token: Arc<auth::Keys>,
 }
 
 /// The `--dev` demo page, served at `/` on the WebSocket port.
@@ -32,19 +41,43 @@ pub const DEMO_PAGE: &str = include_str!("demo.html");
 const MAX_CONCURRENT: usize = 16;
 const MAX_HEAD_BYTES: usize = 8 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// The whole request, head and body, must arrive within this: a client
+/// that trickles a byte at a time cannot keep a slot past it.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// Publish connections kept for the next request; more are closed.
+const MAX_IDLE_REDIS: usize = 4;
+/// At most one log line per this about refused admin tokens.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 struct Admin {
     shared: Ctx,
     active: AtomicUsize,
-    /// The connection `POST /publish` publishes on, made on first use.
-    redis: Mutex<Option<redis::Connection>>,
+    /// Where `POST /publish` publishes, with Redis.
+    redis: Option<redis::Client>,
+    /// Idle publish connections. The lock is held only to take or give
+    /// one back, never across a round trip to Redis.
+    idle: Mutex<Vec<redis::Connection>>,
+    /// When the last refused-token line was logged, and how many
+    /// refusals went unlogged since.
+    refusal_log: Mutex<(Option<Instant>, u64)>,
+}
+
+/// The paths that need the admin token when there is one.
+fn needs_token(path: &str, protect_metrics: bool) -> bool {
+    match path {
+        "/publish" | "/presence" => true,
+        "/metrics" => protect_metrics,
+        _ => false,
+    }
 }
 
 pub fn start(listener: TcpListener, shared: Ctx) -> io::Result<()> {
     let admin = Arc::new(Admin {
+        redis: shared.config.redis.as_ref().map(|r| r.client()),
         shared,
         active: AtomicUsize::new(0),
-        redis: Mutex::new(None),
+        idle: Mutex::new(Vec::new()),
+        refusal_log: Mutex::new((None, 0)),
     });
     // Readiness first, then a non-blocking accept: a blocking accept()
     // would hold a descriptor slot while it waits, and at the descriptor
@@ -70,8 +103,8 @@ pub fn start(listener: TcpListener, shared: Ctx) -> io::Result<()> {
                 }
                 loop {
                     match listener.accept() {
-                        Ok((stream, _)) => {
-                            admin.serve(stream);
+                        Ok((stream, peer)) => {
+                            admin.serve(stream, peer);
                             if reserve.is_none() {
                                 reserve = std::fs::File::open("/dev/null").ok();
                             }
@@ -98,10 +131,8 @@ pub fn start(listener: TcpListener, shared: Ctx) -> io::Result<()> {
 
 impl Admin {
     /// Answers one request on its own thread (at most [`MAX_CONCURRENT`]).
-    fn serve(self: &Arc<Self>, stream: mio::net::TcpStream) {
-        use std::os::fd::{FromRawFd, IntoRawFd};
-        // SAFETY: the descriptor moves from the mio stream to the std one.
-        let mut stream = unsafe { TcpStream::from_raw_fd(stream.into_raw_fd()) };
+    fn serve(self: &Arc<Self>, stream: mio::net::TcpStream, peer: SocketAddr) {
+        let mut stream = TcpStream::from(stream);
         if stream.set_nonblocking(false).is_err() {
             return;
         }
@@ -114,7 +145,7 @@ impl Admin {
         let spawned = std::thread::Builder::new()
             .name("admin-req".into())
             .spawn(move || {
-                let _ = a.handle(stream);
+                let _ = a.handle(stream, peer);
                 a.active.fetch_sub(1, Ordering::AcqRel);
             });
         if spawned.is_err() {
@@ -124,20 +155,20 @@ impl Admin {
 }
 
 fn respond(s: &mut TcpStream, status: u16, content_type: &str, body: &[u8]) -> io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        202 => "Accepted",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        411 => "Length Required",
-        413 => "Payload Too Large",
-        431 => "Request Header Fields Too Large",
-        502 => "Bad Gateway",
-        _ => "Service Unavailable",
-    };
+    respond_with(s, status, content_type, "", body)
+}
+
+/// `extra` is more header lines, each ending in CRLF.
+fn respond_with(
+    s: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    extra: &str,
+    body: &[u8],
+) -> io::Result<()> {
+    let reason = reason_phrase(status);
     let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes())?;
@@ -145,47 +176,73 @@ fn respond(s: &mut TcpStream, status: u16, content_type: &str, body: &[u8]) -> i
     s.flush()
 }
 
+/// One read that gives up at `deadline` (`TimedOut`), however slowly the
+/// bytes come.
+fn read_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::ErrorKind::TimedOut.into());
+    }
+    s.set_read_timeout(Some(left.min(IO_TIMEOUT)))?;
+    s.read(buf)
+}
+
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
 fn json_error(e: &str) -> Vec<u8> {
     format!("{}\n", serde_json::json!({ "error": e })).into_bytes()
 }
 
 impl Admin {
-    fn handle(&self, mut s: TcpStream) -> io::Result<()> {
-        s.set_read_timeout(Some(IO_TIMEOUT))?;
+    fn handle(&self, mut s: TcpStream, peer: SocketAddr) -> io::Result<()> {
+        let deadline = Instant::now() + REQUEST_DEADLINE;
         s.set_write_timeout(Some(IO_TIMEOUT))?;
         let mut buf = Vec::with_capacity(1024);
         let mut chunk = [0u8; 4096];
-        let (method, path, body_len, head_len) = loop {
-            let n = s.read(&mut chunk)?;
-            if n == 0 {
-                return Ok(());
-            }
+        let (method, path, body_len, head_len, bearer) = loop {
+            let n = match read_by(&mut s, &mut chunk, deadline) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if timed_out(&e) => {
+                    return respond(&mut s, 408, "text/plain", b"request timeout\n")
+                }
+                Err(e) => return Err(e),
+            };
             buf.extend_from_slice(&chunk[..n]);
             let mut headers = [httparse::EMPTY_HEADER; 32];
             let mut req = httparse::Request::new(&mut headers);
             match req.parse(&buf) {
                 Ok(httparse::Status::Complete(len)) => {
-                    let cl = req
-                        .headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                        .map(|h| {
-                            std::str::from_utf8(h.value)
-                                .ok()
-                                .and_then(|v| v.trim().parse::<usize>().ok())
-                        });
-                    let cl = match cl {
-                        None => 0,
-                        Some(Some(n)) => n,
-                        Some(None) => {
-                            return respond(
-                                &mut s,
-                                400,
-                                "application/json",
-                                &json_error("bad Content-Length"),
-                            )
-                        }
+                    let header = |name: &str| {
+                        req.headers
+                            .iter()
+                            .find(|h| h.name.eq_ignore_ascii_case(name))
+                            .map(|h| std::str::from_utf8(h.value).ok())
                     };
+                    let cl = match header("content-length") {
+                        None => 0,
+                        Some(v) => match v.and_then(|v| v.trim().parse::<usize>().ok()) {
+                            Some(n) => n,
+                            None => {
+                                return respond(
+                                    &mut s,
+                                    400,
+                                    "application/json",
+                                    &json_error("bad Content-Length"),
+                                )
+                            }
+                        },
+                    };
+                    // Absent, not Bearer, or not text: no token at all.
+                    let bearer = header("authorization")
+                        .flatten()
+                        .and_then(auth::bearer)
+                        .map(str::to_string);
                     break (
                         req.method.unwrap_or("").to_string(),
                         req.path
@@ -196,6 +253,7 @@ impl Admin {
                             .to_string(),
                         cl,
                         len,
+                        bearer,
                     );
                 }
                 Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD_BYTES => {}
@@ -206,6 +264,22 @@ impl Admin {
             }
         };
         let shared = &self.shared;
+        // Before the body is read: a client without the token costs no more
+        // than its head.
+        if shared.config.admin_token.is_some()
+            && needs_token(&path, shared.config.admin_protect_metrics)
+        {
+            if let Err(why) = self.authorize(bearer.as_deref()) {
+                self.refused(peer, &method, &path, why);
+                return respond_with(
+                    &mut s,
+                    401,
+                    "application/json",
+                    "WWW-Authenticate: Bearer\r\n",
+                    &json_error(why),
+                );
+            }
+        }
         match (method.as_str(), path.as_str()) {
             ("GET", "/healthz") => {
                 // The loops beat on every tick; a silent loop is unhealthy.
@@ -251,10 +325,19 @@ impl Admin {
                 let mut body = buf.split_off(head_len.min(buf.len()));
                 body.truncate(body_len);
                 while body.len() < body_len {
-                    let n = s.read(&mut chunk)?;
-                    if n == 0 {
-                        return Ok(());
-                    }
+                    let n = match read_by(&mut s, &mut chunk, deadline) {
+                        Ok(0) => return Ok(()),
+                        Ok(n) => n,
+                        Err(e) if timed_out(&e) => {
+                            return respond(
+                                &mut s,
+                                408,
+                                "application/json",
+                                &json_error("request timeout"),
+                            )
+                        }
+                        Err(e) => return Err(e),
+                    };
                     let take = n.min(body_len - body.len());
                     body.extend_from_slice(&chunk[..take]);
                 }
@@ -268,12 +351,50 @@ impl Admin {
         }
     }
 
+    /// Checks a presented bearer token against the current admin token
+    /// (SIGHUP may have replaced it), in constant time.
+    fn authorize(&self, presented: Option<&str>) -> Result<(), &'static str> {
+        let Some(presented) = presented else {
+            return Err("missing admin token: send Authorization: Bearer <token>");
+        };
+        if auth::same_secret(&self.shared.admin_token.current(), presented.as_bytes()) {
+            Ok(())
+        } else {
+            Err("wrong admin token")
+        }
+    }
+
+    /// Counts a refused token and logs it, one line per
+    /// [`REFUSAL_LOG_EVERY`] at most (a scan must not flood the journal).
+    fn refused(&self, peer: SocketAddr, method: &str, path: &str, why: &str) {
+        self.shared
+            .metrics
+            .admin_rejected
+            .fetch_add(1, Ordering::Relaxed);
+        let mut log = self
+            .refusal_log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (last, unlogged) = &mut *log;
+        if last.is_some_and(|t| t.elapsed() < REFUSAL_LOG_EVERY) {
+            *unlogged += 1;
+            return;
+        }
+        let more = match *unlogged {
+            0 => String::new(),
+            n => format!(" ({n} more refused since the last line)"),
+        };
+        log::warn!("admin: refused {method} {path} from peer={peer}: {why}{more}");
+        *last = Some(Instant::now());
+        *unlogged = 0;
+    }
+
     fn publish(&self, body: &[u8]) -> (u16, Vec<u8>) {
         let shared = &self.shared;
         if shared.status.is_shutting_down() {
             return (503, json_error("shutting down"));
         }
-        let Some(url) = &shared.config.redis_url else {
+        let Some(client) = &self.redis else {
             // Standalone: deliver here.
             return match shared.delivery.handle_payload(body) {
                 Ok(n) => (202, format!("{{\"receivers\":{n}}}\n").into_bytes()),
@@ -288,31 +409,45 @@ impl Admin {
                 .fetch_add(1, Ordering::Relaxed);
             return (400, json_error(&e.to_string()));
         }
-        let mut conn = self.redis.lock().unwrap_or_else(PoisonError::into_inner);
         for _attempt in 0..2 {
-            if conn.is_none() {
-                let c = redis::Client::open(url.as_str())
-                    .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)));
-                match c {
+            // Take an idle connection (the lock is released at once), or
+            // make one; either way the round trip runs without the lock.
+            let idle = self
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop();
+            let mut conn = match idle {
+                Some(c) => c,
+                None => match client.get_connection_with_timeout(Duration::from_secs(2)) {
                     Ok(c) => {
                         let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
                         let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
-                        *conn = Some(c);
+                        c
                     }
                     Err(e) => return (503, json_error(&format!("redis unavailable: {e}"))),
-                }
-            }
-            let Some(c) = conn.as_mut() else { continue };
+                },
+            };
             let r: redis::RedisResult<i64> = redis::cmd("PUBLISH")
                 .arg(&shared.config.channel)
                 .arg(body)
-                .query(c);
+                .query(&mut conn);
             match r {
-                // With Redis, the receivers are the subscribed nodes.
-                Ok(n) => return (202, format!("{{\"receivers\":{n}}}\n").into_bytes()),
+                Ok(n) => {
+                    let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                    if idle.len() < MAX_IDLE_REDIS {
+                        idle.push(conn);
+                    }
+                    // With Redis, the receivers are the subscribed nodes.
+                    return (202, format!("{{\"receivers\":{n}}}\n").into_bytes());
+                }
                 Err(e) => {
-                    *conn = None;
-                    log::debug!("admin publish: {e}; reconnecting once");
+                    // The idle ones are likely as dead (a Redis restart).
+                    self.idle
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clear();
+                    log::debug!("admin publish: {e}; trying a new connection");
                 }
             }
         }

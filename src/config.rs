@@ -1,41 +1,43 @@
 //! Flags and environment variables become one validated [`Config`] before
-//! anything starts: a bad value is refused with one line naming the flag,
-//! and the server never runs half-configured. Every default lives here.
+//! anything starts: a bad value is refused with one line naming the flag
+//! (or the variable it came from), and the server never runs
+//! half-configured.
+//!
+//! Every option is written once, in [`OPTIONS`]: its flag, its variable, its
+//! default and the code that checks and stores it. `--help`, the
+//! environment lookup and [`Config::default`] are derived from that table.
+//! Files named by options (the JWT key, the admin token) are read here, at
+//! start, and again on SIGHUP through [`reload`].
 
 use std::ffi::OsString;
-use std::fmt;
+use std::fmt::{self, Write as _};
+use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// How a connection proves which user it belongs to (SPEC section 4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthMode {
-    Jwt,
-    Header,
-    Query,
-}
-
-/// Where the HS256 key comes from; the file form is re-read on SIGHUP.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum JwtKey {
-    None,
-    Inline(Vec<u8>),
-    File(PathBuf),
-}
+pub use crate::auth::AuthMode;
+use crate::auth::{AuthConfig, Keys, Secret};
 
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
-    pub path: String,
     pub admin_listen: Option<SocketAddr>,
-    pub redis_url: Option<String>,
+    /// Where the admin token comes from; `None`: the admin listener is open.
+    pub admin_token_file: Option<PathBuf>,
+    /// The token `POST /publish` needs, read from `admin_token_file`.
+    pub admin_token: Option<Secret>,
+    /// A non-loopback admin listener without a token was asked for.
+    pub admin_insecure: bool,
+    /// `GET /metrics` needs the admin token too.
+    pub admin_protect_metrics: bool,
+    pub redis: Option<RedisTarget>,
     pub channel: String,
-    pub auth: AuthMode,
-    pub jwt_key: JwtKey,
-    pub user_header: String,
-    /// `None` means any origin (`*`).
-    pub allowed_origins: Option<Vec<String>>,
+    pub auth: AuthConfig,
+    /// The HS256 key (empty when none is needed).
+    pub jwt_key: Secret,
+    /// Where `jwt_key` came from, when it is re-read on SIGHUP.
+    pub jwt_key_file: Option<PathBuf>,
     pub max_connections: usize,
     pub max_message_bytes: usize,
     pub max_queue_bytes: usize,
@@ -49,34 +51,156 @@ pub struct Config {
     pub workers: usize,
     pub log_level: log::LevelFilter,
     pub dev: bool,
+    // Checked and kept for SPEC sections 8 and 9; nothing reads them yet.
+    /// Durable notices kept per user; 0: no history.
+    pub history_size: usize,
+    pub history_ttl: Duration,
+    /// Prefix of every Redis key and function pushwire owns.
+    pub key_prefix: String,
+    pub node_id: String,
+    pub events_channel: Option<String>,
+    pub offline_grace: Duration,
+    /// 0: no per-user limit.
+    pub max_connections_per_user: usize,
 }
 
 impl Default for Config {
+    /// The defaults of [`OPTIONS`], as a run with no flags and no
+    /// environment would have them (before the cross checks).
     fn default() -> Self {
+        let mut c = Config::blank();
+        for opt in OPTIONS {
+            if let Some(v) = opt.default_for(false) {
+                // The defaults are constants, checked by a unit test.
+                let _ = (opt.set)(&mut c, v);
+            }
+        }
+        c.node_id = default_node_id(c.listen);
+        c
+    }
+}
+
+impl Config {
+    /// Placeholders, every one overwritten by the defaults of [`OPTIONS`]
+    /// (or left as the "not set" of an option without one).
+    fn blank() -> Config {
         Config {
-            listen: "0.0.0.0:8080".parse().expect("constant address"),
-            path: "/ws".into(),
-            admin_listen: Some("127.0.0.1:9090".parse().expect("constant address")),
-            redis_url: None,
-            channel: "websocket:sendMsgTopic".into(),
-            auth: AuthMode::Jwt,
-            jwt_key: JwtKey::None,
-            user_header: "X-User-Id".into(),
-            allowed_origins: None,
-            max_connections: 100_000,
-            max_message_bytes: 65_536,
-            max_queue_bytes: 1_048_576,
-            ping_interval: Duration::from_secs(25),
-            idle_timeout: Duration::from_secs(60),
-            handshake_timeout: Duration::from_secs(10),
-            shutdown_timeout: Duration::from_secs(10),
-            canary_interval: Duration::from_secs(2),
+            listen: SocketAddr::from(([0, 0, 0, 0], 0)),
+            admin_listen: None,
+            admin_token_file: None,
+            admin_token: None,
+            admin_insecure: false,
+            admin_protect_metrics: false,
+            redis: None,
+            channel: String::new(),
+            auth: AuthConfig {
+                path: String::new(),
+                mode: AuthMode::Jwt,
+                user_header: String::new(),
+                allowed_origins: None,
+            },
+            jwt_key: Secret::default(),
+            jwt_key_file: None,
+            max_connections: 0,
+            max_message_bytes: 0,
+            max_queue_bytes: 0,
+            ping_interval: Duration::ZERO,
+            idle_timeout: Duration::ZERO,
+            handshake_timeout: Duration::ZERO,
+            shutdown_timeout: Duration::ZERO,
+            canary_interval: Duration::ZERO,
             resync_notice: None,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             log_level: log::LevelFilter::Info,
             dev: false,
+            history_size: 0,
+            history_ttl: Duration::ZERO,
+            key_prefix: String::new(),
+            node_id: String::new(),
+            events_channel: None,
+            offline_grace: Duration::ZERO,
+            max_connections_per_user: 0,
         }
     }
+
+    /// Lines for the log once logging runs: settings that start but that
+    /// an operator should see.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if let Some(addr) = self.admin_listen {
+            if self.admin_token.is_none() && !addr.ip().is_loopback() {
+                w.push(format!(
+                    "--admin-insecure: the admin listener on {addr} has no token; anyone who reaches it can POST /publish"
+                ));
+            }
+        }
+        w
+    }
+}
+
+/// The Redis server every Redis user in pushwire connects to: the URL is
+/// parsed once, at start, into the connection info they share.
+#[derive(Clone)]
+pub struct RedisTarget {
+    client: redis::Client,
+    /// The URL without its password, for logs.
+    shown: String,
+}
+
+impl RedisTarget {
+    pub fn parse(url: &str) -> redis::RedisResult<RedisTarget> {
+        Ok(RedisTarget {
+            client: redis::Client::open(url)?,
+            shown: crate::redact(url),
+        })
+    }
+
+    /// A client for a new connection (opening one is the caller's I/O).
+    pub fn client(&self) -> redis::Client {
+        self.client.clone()
+    }
+
+    pub fn info(&self) -> &redis::ConnectionInfo {
+        self.client.get_connection_info()
+    }
+}
+
+impl fmt::Display for RedisTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisTarget({})", self.shown)
+    }
+}
+
+/// Reads a secret file (the JWT key, the admin token): its bytes without
+/// the trailing newline; an empty file is an error.
+pub fn read_secret_file(path: &Path) -> io::Result<Secret> {
+    let mut key = std::fs::read(path)?;
+    while key.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        key.pop();
+    }
+    if key.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the file is empty",
+        ));
+    }
+    Ok(Secret::new(key))
+}
+
+/// Re-reads `file` into `into` (SIGHUP). On error the old secret stays and
+/// the error is returned for the log; `Ok(false)` when there is no file.
+pub fn reload(file: Option<&Path>, into: &Keys) -> io::Result<bool> {
+    let Some(path) = file else {
+        return Ok(false);
+    };
+    into.replace(read_secret_file(path)?);
+    Ok(true)
 }
 
 /// What the command line asked for, when it is not "run the server".
@@ -99,70 +223,620 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-pub const HELP: &str = "\
-pushwire: a small WebSocket push server fed by Redis pub/sub
+/// Why a value was refused.
+enum Bad {
+    /// "expected" and what the option accepts.
+    Expected(String),
+    /// Anything else (a file that cannot be read).
+    Other(String),
+}
 
-USAGE: pushwire [OPTIONS]
+fn expected(what: impl Into<String>) -> Bad {
+    Bad::Expected(what.into())
+}
 
-Every option can also be set through the environment variable shown;
-a flag wins over the environment. Durations are seconds (fractions allowed).
+type Setter = fn(&mut Config, &str) -> Result<(), Bad>;
 
-  --listen ADDR             PUSHWIRE_LISTEN             WebSocket listener [0.0.0.0:8080]
-  --path PATH               PUSHWIRE_PATH               WebSocket endpoint [/ws]
-  --admin-listen ADDR|off   PUSHWIRE_ADMIN_LISTEN       health, metrics, publish [127.0.0.1:9090]
-  --redis URL               PUSHWIRE_REDIS_URL          redis://[user:pass@]host:port[/db] [none: standalone]
-  --channel NAME            PUSHWIRE_CHANNEL            channel notices arrive on [websocket:sendMsgTopic]
-  --auth jwt|header|query   PUSHWIRE_AUTH               how a connection proves its user [jwt]
-  --jwt-secret S            PUSHWIRE_JWT_SECRET         HS256 key [none]
-  --jwt-secret-file F       PUSHWIRE_JWT_SECRET_FILE    HS256 key file, re-read on SIGHUP [none]
-  --user-header NAME        PUSHWIRE_USER_HEADER        user header for --auth header [X-User-Id]
-  --allowed-origins LIST    PUSHWIRE_ALLOWED_ORIGINS    comma list of exact origins [*]
-  --max-connections N       PUSHWIRE_MAX_CONNECTIONS    beyond it, 503 [100000]
-  --max-message-bytes N     PUSHWIRE_MAX_MESSAGE_BYTES  largest client frame/message [65536]
-  --max-queue-bytes N       PUSHWIRE_MAX_QUEUE_BYTES    outbound queue before a slow consumer is cut [1048576]
-  --ping-interval SECS      PUSHWIRE_PING_INTERVAL      server ping to idle connections [25]
-  --idle-timeout SECS       PUSHWIRE_IDLE_TIMEOUT       silence before a client is dropped [60]
-  --handshake-timeout SECS  PUSHWIRE_HANDSHAKE_TIMEOUT  time to complete the upgrade [10]
-  --shutdown-timeout SECS   PUSHWIRE_SHUTDOWN_TIMEOUT   graceful drain limit [10]
-  --canary-interval SECS    PUSHWIRE_CANARY_INTERVAL    end-to-end subscription probe [2]
-  --resync-notice TEXT      PUSHWIRE_RESYNC_NOTICE      sent to every connection after a Redis loss [off]
-  --workers N               PUSHWIRE_WORKERS            event-loop threads [number of CPUs]
-  --log-level LEVEL         PUSHWIRE_LOG                error, warn, info, debug, trace [info]
-  --dev                                                 local trial: 127.0.0.1 only, --auth query,
-                                                        demo page at /
-  -h, --help                                            this text
-  -V, --version                                         the version
-";
+#[derive(Clone, Copy)]
+enum Preset {
+    /// Parsed like a given value.
+    Text(&'static str),
+    /// Text for a value only a dev run has, and the normal default.
+    Dev {
+        normal: &'static str,
+        dev: &'static str,
+    },
+    /// Nothing set; the text says what that means.
+    Unset(&'static str),
+    /// Worked out at start; the text says how.
+    Computed(&'static str),
+}
 
-/// Every option: flag name, environment variable, takes a value.
-const OPTIONS: &[(&str, &str)] = &[
-    ("listen", "PUSHWIRE_LISTEN"),
-    ("path", "PUSHWIRE_PATH"),
-    ("admin-listen", "PUSHWIRE_ADMIN_LISTEN"),
-    ("redis", "PUSHWIRE_REDIS_URL"),
-    ("channel", "PUSHWIRE_CHANNEL"),
-    ("auth", "PUSHWIRE_AUTH"),
-    ("jwt-secret", "PUSHWIRE_JWT_SECRET"),
-    ("jwt-secret-file", "PUSHWIRE_JWT_SECRET_FILE"),
-    ("user-header", "PUSHWIRE_USER_HEADER"),
-    ("allowed-origins", "PUSHWIRE_ALLOWED_ORIGINS"),
-    ("max-connections", "PUSHWIRE_MAX_CONNECTIONS"),
-    ("max-message-bytes", "PUSHWIRE_MAX_MESSAGE_BYTES"),
-    ("max-queue-bytes", "PUSHWIRE_MAX_QUEUE_BYTES"),
-    ("ping-interval", "PUSHWIRE_PING_INTERVAL"),
-    ("idle-timeout", "PUSHWIRE_IDLE_TIMEOUT"),
-    ("handshake-timeout", "PUSHWIRE_HANDSHAKE_TIMEOUT"),
-    ("shutdown-timeout", "PUSHWIRE_SHUTDOWN_TIMEOUT"),
-    ("canary-interval", "PUSHWIRE_CANARY_INTERVAL"),
-    ("resync-notice", "PUSHWIRE_RESYNC_NOTICE"),
-    ("workers", "PUSHWIRE_WORKERS"),
-    ("log-level", "PUSHWIRE_LOG"),
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Group {
+    Main,
+    /// Parsed and checked for features still to come.
+    Reserved,
+}
+
+/// One option, written once.
+struct Opt {
+    /// The flag without its dashes.
+    flag: &'static str,
+    env: Option<&'static str>,
+    /// The value's name in `--help`; `None` for a switch (no value).
+    value: Option<&'static str>,
+    default: Preset,
+    help: &'static str,
+    /// The value is secret (a key, or a URL that may hold a password):
+    /// an error line never repeats it.
+    secret: bool,
+    group: Group,
+    set: Setter,
+}
+
+impl Opt {
+    fn default_for(&self, dev: bool) -> Option<&'static str> {
+        match self.default {
+            Preset::Text(t) => Some(t),
+            Preset::Dev { normal, dev: d } => Some(if dev { d } else { normal }),
+            Preset::Unset(_) | Preset::Computed(_) => None,
+        }
+    }
+
+    fn shown_default(&self) -> &'static str {
+        match self.default {
+            Preset::Text(t) | Preset::Dev { normal: t, .. } => t,
+            Preset::Unset(t) | Preset::Computed(t) => t,
+        }
+    }
+}
+
+const fn opt(
+    flag: &'static str,
+    env: &'static str,
+    value: &'static str,
+    default: Preset,
+    help: &'static str,
+    set: Setter,
+) -> Opt {
+    Opt {
+        flag,
+        env: Some(env),
+        value: Some(value),
+        default,
+        help,
+        secret: false,
+        group: Group::Main,
+        set,
+    }
+}
+
+const fn switch(
+    flag: &'static str,
+    env: Option<&'static str>,
+    help: &'static str,
+    set: Setter,
+) -> Opt {
+    Opt {
+        flag,
+        env,
+        value: None,
+        default: Preset::Text("false"),
+        help,
+        secret: false,
+        group: Group::Main,
+        set,
+    }
+}
+
+const fn secret(o: Opt) -> Opt {
+    Opt { secret: true, ..o }
+}
+
+const fn reserved(o: Opt) -> Opt {
+    Opt {
+        group: Group::Reserved,
+        ..o
+    }
+}
+
+use Preset::{Computed, Dev, Text, Unset};
+
+/// Every option. The order is the order of `--help`.
+const OPTIONS: &[Opt] = &[
+    opt(
+        "listen",
+        "PUSHWIRE_LISTEN",
+        "ADDR",
+        Dev {
+            normal: "0.0.0.0:8080",
+            dev: "127.0.0.1:8080",
+        },
+        "WebSocket listener",
+        |c, v| {
+            c.listen = addr(v)?;
+            Ok(())
+        },
+    ),
+    opt(
+        "path",
+        "PUSHWIRE_PATH",
+        "PATH",
+        Text("/ws"),
+        "WebSocket endpoint; other paths get 404",
+        |c, v| {
+            if !v.starts_with('/') || v.contains(['?', '#', ' ']) {
+                return Err(expected("a URL path starting with '/'"));
+            }
+            c.auth.path = v.to_string();
+            Ok(())
+        },
+    ),
+    opt(
+        "admin-listen",
+        "PUSHWIRE_ADMIN_LISTEN",
+        "ADDR|off",
+        Text("127.0.0.1:9090"),
+        "admin listener: /healthz, /readyz, /metrics, POST /publish",
+        |c, v| {
+            c.admin_listen = match v {
+                "off" => None,
+                _ => Some(
+                    v.parse()
+                        .map_err(|_| expected("an address such as 127.0.0.1:9090, or off"))?,
+                ),
+            };
+            Ok(())
+        },
+    ),
+    opt(
+        "admin-token-file",
+        "PUSHWIRE_ADMIN_TOKEN_FILE",
+        "F",
+        Unset("none"),
+        "file holding the token POST /publish needs as Authorization: Bearer; \
+         re-read on SIGHUP; needed when --admin-listen is not loopback",
+        |c, v| {
+            let path = PathBuf::from(v);
+            c.admin_token = Some(read_secret_file(&path).map_err(|e| Bad::Other(e.to_string()))?);
+            c.admin_token_file = Some(path);
+            Ok(())
+        },
+    ),
+    switch(
+        "admin-insecure",
+        Some("PUSHWIRE_ADMIN_INSECURE"),
+        "allow a non-loopback --admin-listen without a token",
+        |c, v| {
+            c.admin_insecure = boolean(v)?;
+            Ok(())
+        },
+    ),
+    switch(
+        "admin-protect-metrics",
+        Some("PUSHWIRE_ADMIN_PROTECT_METRICS"),
+        "GET /metrics needs the admin token too",
+        |c, v| {
+            c.admin_protect_metrics = boolean(v)?;
+            Ok(())
+        },
+    ),
+    secret(opt(
+        "redis",
+        "PUSHWIRE_REDIS_URL",
+        "URL",
+        Unset("none: standalone"),
+        "redis://[user:pass@]host:port[/db]",
+        |c, v| {
+            let target = RedisTarget::parse(v)
+                .map_err(|e| expected(format!("redis://[user:pass@]host:port[/db] ({e})")))?;
+            c.redis = Some(target);
+            Ok(())
+        },
+    )),
+    opt(
+        "channel",
+        "PUSHWIRE_CHANNEL",
+        "NAME",
+        Text("websocket:sendMsgTopic"),
+        "the Redis channel notices arrive on",
+        |c, v| {
+            c.channel = nonempty(v, "a non-empty channel name")?;
+            Ok(())
+        },
+    ),
+    opt(
+        "canary-interval",
+        "PUSHWIRE_CANARY_INTERVAL",
+        "SECS",
+        Text("2"),
+        "how often the subscription is proven end to end",
+        |c, v| {
+            c.canary_interval = secs(v, 0.05, 86_400.0)?;
+            Ok(())
+        },
+    ),
+    opt(
+        "resync-notice",
+        "PUSHWIRE_RESYNC_NOTICE",
+        "TEXT",
+        Unset("off"),
+        "sent to every connection after a Redis loss",
+        |c, v| {
+            c.resync_notice = Some(v.to_string());
+            Ok(())
+        },
+    ),
+    opt(
+        "auth",
+        "PUSHWIRE_AUTH",
+        "jwt|header|query",
+        Dev {
+            normal: "jwt",
+            dev: "query",
+        },
+        "how a connection proves its user",
+        |c, v| {
+            c.auth.mode = match v {
+                "jwt" => AuthMode::Jwt,
+                "header" => AuthMode::Header,
+                "query" => AuthMode::Query,
+                _ => return Err(expected("one of jwt, header, query")),
+            };
+            Ok(())
+        },
+    ),
+    secret(opt(
+        "jwt-secret",
+        "PUSHWIRE_JWT_SECRET",
+        "S",
+        Unset("none"),
+        "HS256 key",
+        |c, v| {
+            c.jwt_key = Secret::new(nonempty(v, "a non-empty HS256 key")?.into_bytes());
+            Ok(())
+        },
+    )),
+    opt(
+        "jwt-secret-file",
+        "PUSHWIRE_JWT_SECRET_FILE",
+        "F",
+        Unset("none"),
+        "HS256 key file, re-read on SIGHUP",
+        |c, v| {
+            let path = PathBuf::from(v);
+            c.jwt_key = read_secret_file(&path).map_err(|e| Bad::Other(e.to_string()))?;
+            c.jwt_key_file = Some(path);
+            Ok(())
+        },
+    ),
+    opt(
+        "user-header",
+        "PUSHWIRE_USER_HEADER",
+        "NAME",
+        Text("X-User-Id"),
+        "the header --auth header takes the user id from",
+        |c, v| {
+            let ok = !v.is_empty()
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                return Err(expected("an HTTP header name"));
+            }
+            c.auth.user_header = v.to_string();
+            Ok(())
+        },
+    ),
+    opt(
+        "allowed-origins",
+        "PUSHWIRE_ALLOWED_ORIGINS",
+        "LIST",
+        Text("*"),
+        "* or a comma list of exact origins (https://app.example); others get 403",
+        |c, v| {
+            c.auth.allowed_origins = origins(v)?;
+            Ok(())
+        },
+    ),
+    opt(
+        "max-connections",
+        "PUSHWIRE_MAX_CONNECTIONS",
+        "N",
+        Text("100000"),
+        "beyond it, new upgrades get 503",
+        |c, v| {
+            c.max_connections = num(v, 1, 10_000_000)?;
+            Ok(())
+        },
+    ),
+    opt(
+        "max-message-bytes",
+        "PUSHWIRE_MAX_MESSAGE_BYTES",
+        "N",
+        Text("65536"),
+        "largest frame or message a client may send",
+        |c, v| {
+            c.max_message_bytes = num(v, 125, 64 << 20)?;
+            Ok(())
+        },
+    ),
+    opt(
+        "max-queue-bytes",
+        "PUSHWIRE_MAX_QUEUE_BYTES",
+        "N",
+        Text("1048576"),
+        "outbound bytes queued per connection before it is cut as a slow consumer",
+        |c, v| {
+            c.max_queue_bytes = num(v, 1024, 1 << 30)?;
+            Ok(())
+        },
+    ),
+    opt(
+        "ping-interval",
+        "PUSHWIRE_PING_INTERVAL",
+        "SECS",
+        Text("25"),
+        "server ping to idle connections",
+        |c, v| {
+            c.ping_interval = secs(v, 0.05, 86_400.0)?;
+            Ok(())
+        },
+    ),
+    opt(
+        "idle-timeout",
+        "PUSHWIRE_IDLE_TIMEOUT",
+        "SECS",
+        Text("60"),
+        "silence before a client is dropped",
+        |c, v| {
+            c.idle_timeout = secs(v, 0.05, 86_400.0)?;
+            Ok(())
+        },
+    ),
+    opt(
+        "handshake-timeout",
+        "PUSHWIRE_HANDSHAKE_TIMEOUT",
+        "SECS",
+        Text("10"),
+        "time to complete the upgrade",
+        |c, v| {
+            c.handshake_timeout = secs(v, 0.05, 86_400.0)?;
+            Ok(())
+        },
+    ),
+    opt(
+        "shutdown-timeout",
+        "PUSHWIRE_SHUTDOWN_TIMEOUT",
+        "SECS",
+        Text("10"),
+        "graceful drain limit",
+        |c, v| {
+            c.shutdown_timeout = secs(v, 0.05, 86_400.0)?;
+            Ok(())
+        },
+    ),
+    opt(
+        "workers",
+        "PUSHWIRE_WORKERS",
+        "N",
+        Computed("number of CPUs"),
+        "event-loop threads",
+        |c, v| {
+            c.workers = num(v, 1, 256)?;
+            Ok(())
+        },
+    ),
+    opt(
+        "log-level",
+        "PUSHWIRE_LOG",
+        "LEVEL",
+        Text("info"),
+        "error, warn, info, debug or trace",
+        |c, v| {
+            c.log_level = match v.to_ascii_lowercase().as_str() {
+                "error" => log::LevelFilter::Error,
+                "warn" => log::LevelFilter::Warn,
+                "info" => log::LevelFilter::Info,
+                "debug" => log::LevelFilter::Debug,
+                "trace" => log::LevelFilter::Trace,
+                _ => return Err(expected("one of error, warn, info, debug, trace")),
+            };
+            Ok(())
+        },
+    ),
+    switch(
+        "dev",
+        None,
+        "local trial: 127.0.0.1 only, --auth query, demo page at /",
+        |c, v| {
+            c.dev = boolean(v)?;
+            Ok(())
+        },
+    ),
+    reserved(opt(
+        "history-size",
+        "PUSHWIRE_HISTORY_SIZE",
+        "N",
+        Text("100"),
+        "durable notices to keep per user; 0: none",
+        |c, v| {
+            c.history_size = num(v, 0, 100_000)?;
+            Ok(())
+        },
+    )),
+    reserved(opt(
+        "history-ttl",
+        "PUSHWIRE_HISTORY_TTL",
+        "SECS",
+        Text("300"),
+        "how long a user's history is to live",
+        |c, v| {
+            c.history_ttl = secs(v, 1.0, 30.0 * 86_400.0)?;
+            Ok(())
+        },
+    )),
+    reserved(opt(
+        "key-prefix",
+        "PUSHWIRE_KEY_PREFIX",
+        "P",
+        Text("pushwire"),
+        "prefix of pushwire's Redis keys, [A-Za-z0-9_]+",
+        |c, v| {
+            let ok = !v.is_empty()
+                && v.len() <= 64
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !ok {
+                return Err(expected("1 to 64 of A-Z a-z 0-9 _"));
+            }
+            c.key_prefix = v.to_string();
+            Ok(())
+        },
+    )),
+    reserved(opt(
+        "node-id",
+        "PUSHWIRE_NODE_ID",
+        "ID",
+        Computed("hostname:port"),
+        "this node's name, unique per node",
+        |c, v| {
+            let ok = !v.is_empty() && v.len() <= 128 && v.chars().all(|ch| ch.is_ascii_graphic());
+            if !ok {
+                return Err(expected("1 to 128 printable characters, no spaces"));
+            }
+            c.node_id = v.to_string();
+            Ok(())
+        },
+    )),
+    reserved(opt(
+        "events-channel",
+        "PUSHWIRE_EVENTS_CHANNEL",
+        "NAME|off",
+        Text("off"),
+        "Redis channel for online/offline events",
+        |c, v| {
+            c.events_channel = match v {
+                "off" => None,
+                _ => Some(nonempty(v, "a channel name, or off")?),
+            };
+            Ok(())
+        },
+    )),
+    reserved(opt(
+        "offline-grace",
+        "PUSHWIRE_OFFLINE_GRACE",
+        "SECS",
+        Text("5"),
+        "time without a connection before a user counts as offline",
+        |c, v| {
+            c.offline_grace = secs(v, 0.0, 3_600.0)?;
+            Ok(())
+        },
+    )),
+    reserved(opt(
+        "max-connections-per-user",
+        "PUSHWIRE_MAX_CONNECTIONS_PER_USER",
+        "N",
+        Text("0"),
+        "connections one user may hold on a node; 0: no limit",
+        |c, v| {
+            c.max_connections_per_user = num(v, 0, 1_000_000)?;
+            Ok(())
+        },
+    )),
 ];
 
-fn err(flag: &str, what: &str, value: &str) -> ConfigError {
-    ConfigError(format!(
-        "invalid value {value:?} for --{flag}: expected {what}"
-    ))
+fn addr(v: &str) -> Result<SocketAddr, Bad> {
+    v.parse()
+        .map_err(|_| expected("an IP address and port such as 0.0.0.0:8080"))
+}
+
+fn num(v: &str, min: usize, max: usize) -> Result<usize, Bad> {
+    match v.parse::<usize>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(expected(format!("a whole number from {min} to {max}"))),
+    }
+}
+
+fn secs(v: &str, min: f64, max: f64) -> Result<Duration, Bad> {
+    match v.parse::<f64>() {
+        Ok(s) if s.is_finite() && (min..=max).contains(&s) => Ok(Duration::from_secs_f64(s)),
+        _ => Err(expected(format!("a number of seconds from {min} to {max}"))),
+    }
+}
+
+fn boolean(v: &str) -> Result<bool, Bad> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(expected("true or false")),
+    }
+}
+
+fn nonempty(v: &str, what: &str) -> Result<String, Bad> {
+    if v.is_empty() {
+        return Err(expected(what));
+    }
+    Ok(v.to_string())
+}
+
+/// `*` or a comma list of origins as browsers send them: a scheme, `://`
+/// and a host (with an optional port), nothing after it.
+fn origins(v: &str) -> Result<Option<Vec<String>>, Bad> {
+    let what = "* or a comma list of origins with their scheme, such as https://example.com";
+    let list: Vec<String> = v
+        .split(',')
+        .map(|s| s.trim().trim_end_matches('/').to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if list.is_empty() {
+        return Err(expected(what));
+    }
+    if list.iter().any(|o| o == "*") {
+        return Ok(None);
+    }
+    for o in &list {
+        let ok = o.split_once("://").is_some_and(|(scheme, host)| {
+            scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+                && !host.is_empty()
+                && !host.contains(['/', '?', '#', ' '])
+        });
+        if !ok {
+            return Err(Bad::Expected(format!("{what} (not {o:?})")));
+        }
+    }
+    Ok(Some(list))
+}
+
+/// Where a value came from, for the error line.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Flag,
+    Env,
+    Default,
+}
+
+fn refusal(o: &Opt, source: Source, value: &str, bad: Bad) -> ConfigError {
+    let flag = o.flag;
+    let shown = if o.secret { "(hidden)" } else { value };
+    let line = match (source, bad) {
+        (Source::Env, bad) => {
+            let var = o.env.unwrap_or("?");
+            let what = match bad {
+                Bad::Expected(w) => format!("expected {w}"),
+                Bad::Other(e) => e,
+            };
+            // Under systemd the variable is what the operator wrote.
+            format!("{var}={shown}: {what} (--{flag})")
+        }
+        (_, Bad::Expected(w)) if o.secret => format!("invalid value for --{flag}: expected {w}"),
+        (_, Bad::Expected(w)) => format!("invalid value {value:?} for --{flag}: expected {w}"),
+        (_, Bad::Other(e)) => format!("--{flag} {shown}: {e}"),
+    };
+    ConfigError(line)
 }
 
 /// Parses the command line (without the program name) and an environment
@@ -175,168 +849,96 @@ where
     E: Fn(&str) -> Option<String>,
 {
     use lexopt::prelude::*;
-    let mut values: Vec<(&'static str, String)> = Vec::new();
-    let mut dev = false;
+    // (option index, value), in command-line order.
+    let mut flags: Vec<(usize, String)> = Vec::new();
     let mut parser = lexopt::Parser::from_args(args);
     let lex_err = |e: lexopt::Error| ConfigError(format!("{e} (see --help)"));
     while let Some(arg) = parser.next().map_err(lex_err)? {
         match arg {
             Short('h') | Long("help") => return Ok(Command::Help),
             Short('V') | Long("version") => return Ok(Command::Version),
-            Long("dev") => dev = true,
             Long(name) => {
-                let Some(&(flag, _)) = OPTIONS.iter().find(|(f, _)| *f == name) else {
+                let Some(i) = OPTIONS.iter().position(|o| o.flag == name) else {
                     return Err(ConfigError(format!("unknown option --{name} (see --help)")));
                 };
-                let value = parser.value().map_err(lex_err)?;
-                let value = value
-                    .into_string()
-                    .map_err(|_| ConfigError(format!("--{flag}: the value is not valid UTF-8")))?;
-                values.push((flag, value));
+                let o = &OPTIONS[i];
+                let value = match o.value {
+                    None => "true".to_string(),
+                    Some(_) => parser
+                        .value()
+                        .map_err(lex_err)?
+                        .into_string()
+                        .map_err(|_| {
+                            ConfigError(format!("--{}: the value is not valid UTF-8", o.flag))
+                        })?,
+                };
+                flags.push((i, value));
             }
             other => return Err(lex_err(other.unexpected())),
         }
     }
-    // The flag wins over the environment: look at flags first.
-    let get = |flag: &str| -> Option<String> {
-        if let Some((_, v)) = values.iter().rev().find(|(f, _)| *f == flag) {
-            return Some(v.clone());
-        }
-        let (_, var) = OPTIONS.iter().find(|(f, _)| *f == flag)?;
-        env(var).filter(|v| !v.is_empty())
-    };
-    build(get, dev).map(|c| Command::Run(Box::new(c)))
+    build(&flags, &env).map(|c| Command::Run(Box::new(c)))
 }
 
-fn build(get: impl Fn(&str) -> Option<String>, dev: bool) -> Result<Config, ConfigError> {
-    let mut c = Config {
-        dev,
-        ..Config::default()
+fn build(
+    flags: &[(usize, String)],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    // One source per option: its last flag, else its variable, else its
+    // default. A later flag wins over an earlier one.
+    let mut chosen: Vec<Option<(Source, String)>> = OPTIONS
+        .iter()
+        .map(|o| {
+            o.env
+                .and_then(env)
+                .filter(|v| !v.is_empty())
+                .map(|v| (Source::Env, v))
+        })
+        .collect();
+    for (i, v) in flags {
+        chosen[*i] = Some((Source::Flag, v.clone()));
+    }
+    let dev_at = OPTIONS.iter().position(|o| o.flag == "dev");
+    let dev = dev_at.is_some_and(|i| chosen[i].is_some());
+    let given = |flag: &str| {
+        OPTIONS
+            .iter()
+            .position(|o| o.flag == flag)
+            .is_some_and(|i| chosen[i].is_some())
     };
-    if dev {
-        c.listen = "127.0.0.1:8080".parse().expect("constant address");
-        c.auth = AuthMode::Query;
-    }
-    if let Some(v) = get("listen") {
-        c.listen = parse_addr("listen", &v)?;
-        if dev && !c.listen.ip().is_loopback() {
-            return Err(ConfigError(format!(
-                "--listen {v}: --dev listens on a loopback address only (127.0.0.1 or ::1)"
-            )));
+
+    // Values first, so the first bad value is what is reported: flags in
+    // command-line order, then variables and defaults in table order.
+    let mut order: Vec<usize> = Vec::new();
+    for i in flags.iter().map(|(i, _)| *i).chain(0..OPTIONS.len()) {
+        if !order.contains(&i) {
+            order.push(i);
         }
     }
-    if let Some(v) = get("path") {
-        if !v.starts_with('/') || v.contains(['?', '#', ' ']) {
-            return Err(err("path", "a URL path starting with '/'", &v));
-        }
-        c.path = v;
-    }
-    if let Some(v) = get("admin-listen") {
-        c.admin_listen = if v == "off" {
-            None
-        } else {
-            Some(parse_addr("admin-listen", &v).map_err(|_| {
-                err(
-                    "admin-listen",
-                    "an address such as 127.0.0.1:9090, or off",
-                    &v,
-                )
-            })?)
+    let mut c = Config::blank();
+    for i in order {
+        let o = &OPTIONS[i];
+        let (source, value) = match &chosen[i] {
+            Some((s, v)) => (*s, v.as_str()),
+            None => match o.default_for(dev) {
+                Some(d) => (Source::Default, d),
+                None => continue,
+            },
         };
+        (o.set)(&mut c, value).map_err(|bad| refusal(o, source, value, bad))?;
     }
-    if let Some(v) = get("redis") {
-        if let Err(e) = redis::Client::open(v.as_str()) {
-            return Err(ConfigError(format!(
-                "invalid value for --redis: expected redis://[user:pass@]host:port[/db] ({e})"
-            )));
-        }
-        c.redis_url = Some(v);
-    }
-    if let Some(v) = get("channel") {
-        if v.is_empty() {
-            return Err(err("channel", "a non-empty channel name", &v));
-        }
-        c.channel = v;
-    }
-    if let Some(v) = get("auth") {
-        c.auth = match v.as_str() {
-            "jwt" => AuthMode::Jwt,
-            "header" => AuthMode::Header,
-            "query" => AuthMode::Query,
-            _ => return Err(err("auth", "one of jwt, header, query", &v)),
-        };
-    }
-    match (get("jwt-secret"), get("jwt-secret-file")) {
-        (Some(_), Some(_)) => {
-            return Err(ConfigError(
-                "--jwt-secret and --jwt-secret-file exclude each other: give one".into(),
-            ))
-        }
-        (Some(s), None) if s.is_empty() => {
-            return Err(err("jwt-secret", "a non-empty HS256 key", &s));
-        }
-        (Some(s), None) => c.jwt_key = JwtKey::Inline(s.into_bytes()),
-        (None, Some(f)) => {
-            let path = PathBuf::from(&f);
-            crate::auth::read_key_file(&path)
-                .map_err(|e| ConfigError(format!("--jwt-secret-file {f}: {e}")))?;
-            c.jwt_key = JwtKey::File(path);
-        }
-        (None, None) => {}
-    }
-    if c.auth == AuthMode::Jwt && c.jwt_key == JwtKey::None {
+
+    // Then what needs several options.
+    if given("jwt-secret") && given("jwt-secret-file") {
         return Err(ConfigError(
-            "--auth jwt needs an HS256 key: give --jwt-secret-file FILE (or PUSHWIRE_JWT_SECRET_FILE), or try pushwire --dev for a local trial".into(),
+            "--jwt-secret and --jwt-secret-file exclude each other: give one".into(),
         ));
     }
-    if let Some(v) = get("user-header") {
-        if v.is_empty()
-            || !v
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(err("user-header", "an HTTP header name", &v));
-        }
-        c.user_header = v;
-    }
-    if let Some(v) = get("allowed-origins") {
-        let list: Vec<String> = v
-            .split(',')
-            .map(|s| s.trim().trim_end_matches('/').to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
-        if list.is_empty() {
-            return Err(err("allowed-origins", "* or a comma list of origins", &v));
-        }
-        c.allowed_origins = if list.iter().any(|o| o == "*") {
-            None
-        } else {
-            Some(list)
-        };
-    }
-    if let Some(v) = get("max-connections") {
-        c.max_connections = parse_num("max-connections", &v, 1, 10_000_000)?;
-    }
-    if let Some(v) = get("max-message-bytes") {
-        c.max_message_bytes = parse_num("max-message-bytes", &v, 125, 64 << 20)?;
-    }
-    if let Some(v) = get("max-queue-bytes") {
-        c.max_queue_bytes = parse_num("max-queue-bytes", &v, 1024, 1 << 30)?;
-    }
-    if let Some(v) = get("ping-interval") {
-        c.ping_interval = parse_secs("ping-interval", &v)?;
-    }
-    if let Some(v) = get("idle-timeout") {
-        c.idle_timeout = parse_secs("idle-timeout", &v)?;
-    }
-    if let Some(v) = get("handshake-timeout") {
-        c.handshake_timeout = parse_secs("handshake-timeout", &v)?;
-    }
-    if let Some(v) = get("shutdown-timeout") {
-        c.shutdown_timeout = parse_secs("shutdown-timeout", &v)?;
-    }
-    if let Some(v) = get("canary-interval") {
-        c.canary_interval = parse_secs("canary-interval", &v)?;
+    if dev && !c.listen.ip().is_loopback() {
+        return Err(ConfigError(format!(
+            "--listen {}: --dev listens on a loopback address only (127.0.0.1 or ::1)",
+            c.listen
+        )));
     }
     if c.idle_timeout <= c.ping_interval {
         return Err(ConfigError(format!(
@@ -345,46 +947,100 @@ fn build(get: impl Fn(&str) -> Option<String>, dev: bool) -> Result<Config, Conf
             c.ping_interval.as_secs_f64()
         )));
     }
-    c.resync_notice = get("resync-notice");
-    if let Some(v) = get("workers") {
-        c.workers = parse_num("workers", &v, 1, 256)?;
+    if c.auth.mode == AuthMode::Jwt && c.jwt_key.is_empty() {
+        return Err(ConfigError(
+            "--auth jwt needs an HS256 key: give --jwt-secret-file FILE (or PUSHWIRE_JWT_SECRET_FILE), or try pushwire --dev for a local trial".into(),
+        ));
     }
-    if let Some(v) = get("log-level") {
-        c.log_level = match v.to_ascii_lowercase().as_str() {
-            "error" => log::LevelFilter::Error,
-            "warn" => log::LevelFilter::Warn,
-            "info" => log::LevelFilter::Info,
-            "debug" => log::LevelFilter::Debug,
-            "trace" => log::LevelFilter::Trace,
-            _ => {
-                return Err(err(
-                    "log-level",
-                    "one of error, warn, info, debug, trace",
-                    &v,
-                ))
-            }
-        };
+    if let Some(addr) = c.admin_listen {
+        if !addr.ip().is_loopback() && c.admin_token.is_none() && !c.admin_insecure {
+            return Err(ConfigError(format!(
+                "--admin-listen {addr} is reachable from the network: give --admin-token-file FILE (or PUSHWIRE_ADMIN_TOKEN_FILE), or --admin-insecure to run it without a token"
+            )));
+        }
+    }
+    if c.admin_protect_metrics && c.admin_token.is_none() {
+        return Err(ConfigError(
+            "--admin-protect-metrics needs --admin-token-file FILE (or PUSHWIRE_ADMIN_TOKEN_FILE)"
+                .into(),
+        ));
+    }
+    if !given("node-id") {
+        c.node_id = default_node_id(c.listen);
     }
     Ok(c)
 }
 
-fn parse_addr(flag: &str, v: &str) -> Result<SocketAddr, ConfigError> {
-    v.parse()
-        .map_err(|_| err(flag, "an IP address and port such as 0.0.0.0:8080", v))
+/// This host's name and the WebSocket port: unique per node as long as
+/// hostnames are.
+fn default_node_id(listen: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = host.trim();
+    let host = if host.is_empty() { "localhost" } else { host };
+    format!("{host}:{}", listen.port())
 }
 
-fn parse_num(flag: &str, v: &str, min: usize, max: usize) -> Result<usize, ConfigError> {
-    match v.parse::<usize>() {
-        Ok(n) if (min..=max).contains(&n) => Ok(n),
-        _ => Err(err(flag, &format!("a whole number from {min} to {max}"), v)),
+/// Widest line of `--help`.
+const HELP_WIDTH: usize = 80;
+/// Where the variable's column starts.
+const ENV_COLUMN: usize = 32;
+/// Indent of an option's description.
+const TEXT_INDENT: usize = 6;
+
+/// The `--help` text, made from [`OPTIONS`].
+pub fn help() -> String {
+    let mut out = String::from(
+        "\
+pushwire: a small WebSocket push server fed by Redis pub/sub
+
+USAGE: pushwire [OPTIONS]
+
+Every option can also be set by the environment variable beside it; a flag
+wins over the environment. Durations are seconds (fractions allowed).
+JWT claims: sub is the user (string or integer); exp, nbf honoured (30 s).
+
+",
+    );
+    for o in OPTIONS.iter().filter(|o| o.group == Group::Main) {
+        help_entry(&mut out, o);
     }
+    out.push_str("\nChecked at start and kept for features still to come (no effect yet):\n\n");
+    for o in OPTIONS.iter().filter(|o| o.group == Group::Reserved) {
+        help_entry(&mut out, o);
+    }
+    out.push_str("\n  -h, --help                    this text\n");
+    out.push_str("  -V, --version                 the version\n");
+    out
 }
 
-fn parse_secs(flag: &str, v: &str) -> Result<Duration, ConfigError> {
-    match v.parse::<f64>() {
-        Ok(s) if s.is_finite() && (0.05..=86_400.0).contains(&s) => Ok(Duration::from_secs_f64(s)),
-        _ => Err(err(flag, "a number of seconds from 0.05 to 86400", v)),
+fn help_entry(out: &mut String, o: &Opt) {
+    let mut head = format!("  --{}", o.flag);
+    if let Some(v) = o.value {
+        let _ = write!(head, " {v}");
     }
+    if let Some(env) = o.env {
+        let pad = ENV_COLUMN.saturating_sub(head.len()).max(2);
+        let _ = write!(head, "{:pad$}{env}", "");
+    }
+    out.push_str(&head);
+    out.push('\n');
+    let text = if o.value.is_some() {
+        format!("{} [{}]", o.help, o.shown_default())
+    } else {
+        o.help.to_string()
+    };
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && TEXT_INDENT + line.len() + 1 + word.len() > HELP_WIDTH {
+            let _ = writeln!(out, "{:TEXT_INDENT$}{line}", "");
+            line.clear();
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    let _ = writeln!(out, "{:TEXT_INDENT$}{line}", "");
 }
 
 #[cfg(test)]
@@ -405,11 +1061,58 @@ mod tests {
     }
 
     #[test]
+    fn every_default_parses() {
+        for o in OPTIONS {
+            for dev in [false, true] {
+                if let Some(d) = o.default_for(dev) {
+                    let mut c = Config::blank();
+                    assert!((o.set)(&mut c, d).is_ok(), "--{} default {d:?}", o.flag);
+                }
+            }
+        }
+        let c = Config::default();
+        assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.auth.path, "/ws");
+        assert_eq!(c.max_queue_bytes, 1_048_576);
+        assert_eq!(c.history_size, 100);
+        assert_eq!(c.key_prefix, "pushwire");
+        assert!(c.node_id.ends_with(":8080"), "{}", c.node_id);
+        assert!(c.events_channel.is_none() && c.auth.allowed_origins.is_none());
+    }
+
+    #[test]
+    fn every_option_has_a_unique_flag_and_variable() {
+        let mut flags: Vec<&str> = OPTIONS.iter().map(|o| o.flag).collect();
+        let mut envs: Vec<&str> = OPTIONS.iter().filter_map(|o| o.env).collect();
+        let (nf, ne) = (flags.len(), envs.len());
+        flags.sort_unstable();
+        flags.dedup();
+        envs.sort_unstable();
+        envs.dedup();
+        assert_eq!((flags.len(), envs.len()), (nf, ne));
+    }
+
+    #[test]
+    fn help_fits_80_columns_and_lists_everything() {
+        let h = help();
+        for line in h.lines() {
+            assert!(line.chars().count() <= HELP_WIDTH, "{line:?}");
+        }
+        for o in OPTIONS {
+            assert!(h.contains(&format!("--{}", o.flag)), "--{}", o.flag);
+            if let Some(e) = o.env {
+                assert!(h.contains(e), "{e}");
+            }
+        }
+        assert_eq!(h.lines().filter(|l| l.contains("JWT claims")).count(), 1);
+    }
+
+    #[test]
     fn dev_needs_no_secret_and_listens_on_loopback() {
         let c = run(&["--dev"], &[]).unwrap();
-        assert_eq!(c.auth, AuthMode::Query);
+        assert_eq!(c.auth.mode, AuthMode::Query);
         assert!(c.listen.ip().is_loopback());
-        assert!(c.redis_url.is_none());
+        assert!(c.redis.is_none());
     }
 
     #[test]
@@ -422,6 +1125,31 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_value_is_reported_before_the_missing_key() {
+        let e = run(&["--max-connections", "abc"], &[]).unwrap_err();
+        assert!(
+            e.0.contains("--max-connections") && e.0.contains("abc"),
+            "{e}"
+        );
+        // The first bad flag on the command line is the one named.
+        let e = run(&["--workers", "0", "--max-connections", "abc"], &[]).unwrap_err();
+        assert!(e.0.contains("--workers"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_value_from_the_environment_names_the_variable() {
+        let e = run(&["--dev"], &[("PUSHWIRE_MAX_CONNECTIONS", "abc")]).unwrap_err();
+        assert!(
+            e.0.starts_with("PUSHWIRE_MAX_CONNECTIONS=abc: expected a whole number"),
+            "{e}"
+        );
+        assert!(e.0.contains("--max-connections"), "{e}");
+        // A secret is never repeated.
+        let e = run(&["--dev"], &[("PUSHWIRE_REDIS_URL", "http://u:pw@x")]).unwrap_err();
+        assert!(!e.0.contains("pw"), "{e}");
+    }
+
+    #[test]
     fn flag_wins_over_env() {
         let c = run(
             &["--dev", "--workers", "3"],
@@ -430,6 +1158,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.workers, 3);
         assert_eq!(c.channel, "x");
+        let c = run(&["--dev", "--workers", "0", "--workers", "2"], &[]).unwrap();
+        assert_eq!(c.workers, 2);
     }
 
     #[test]
@@ -441,6 +1171,16 @@ mod tests {
             (&["--dev", "--ping-interval", "-1"][..], "--ping-interval"),
             (&["--dev", "--redis", "http://x"][..], "--redis"),
             (&["--dev", "--log-level", "loud"][..], "--log-level"),
+            (&["--dev", "--history-size", "-1"][..], "--history-size"),
+            (&["--dev", "--history-ttl", "0"][..], "--history-ttl"),
+            (&["--dev", "--key-prefix", "a:b"][..], "--key-prefix"),
+            (&["--dev", "--node-id", "a b"][..], "--node-id"),
+            (&["--dev", "--events-channel", ""][..], "--events-channel"),
+            (&["--dev", "--offline-grace", "x"][..], "--offline-grace"),
+            (
+                &["--dev", "--max-connections-per-user", "x"][..],
+                "--max-connections-per-user",
+            ),
         ] {
             let e = run(args, &[]).unwrap_err();
             assert!(e.0.contains(flag), "{e}");
@@ -449,12 +1189,46 @@ mod tests {
     }
 
     #[test]
-    fn origins_and_admin_off() {
+    fn the_options_still_to_come_are_stored() {
+        let c = run(
+            &[
+                "--dev",
+                "--history-size",
+                "0",
+                "--history-ttl",
+                "60",
+                "--key-prefix",
+                "pw_2",
+                "--node-id",
+                "a:1",
+                "--events-channel",
+                "ev",
+                "--offline-grace",
+                "0",
+                "--max-connections-per-user",
+                "3",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.history_size, 0);
+        assert_eq!(c.history_ttl, Duration::from_secs(60));
+        assert_eq!(c.key_prefix, "pw_2");
+        assert_eq!(c.node_id, "a:1");
+        assert_eq!(c.events_channel.as_deref(), Some("ev"));
+        assert_eq!(c.offline_grace, Duration::ZERO);
+        assert_eq!(c.max_connections_per_user, 3);
+        let c = run(&["--dev", "--listen", "127.0.0.1:7000"], &[]).unwrap();
+        assert!(c.node_id.ends_with(":7000"), "{}", c.node_id);
+    }
+
+    #[test]
+    fn origins_need_a_scheme() {
         let c = run(
             &[
                 "--dev",
                 "--allowed-origins",
-                "https://a.example, https://b.example/",
+                "https://a.example, https://b.example/,http://localhost:3000",
                 "--admin-listen",
                 "off",
             ],
@@ -462,9 +1236,46 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            c.allowed_origins,
-            Some(vec!["https://a.example".into(), "https://b.example".into()])
+            c.auth.allowed_origins,
+            Some(vec![
+                "https://a.example".into(),
+                "https://b.example".into(),
+                "http://localhost:3000".into()
+            ])
         );
         assert!(c.admin_listen.is_none());
+        for bad in [
+            "example.com",
+            "https://a.example,b.example",
+            "https://",
+            "https://a/b",
+        ] {
+            let e = run(&["--dev", "--allowed-origins", bad], &[]).unwrap_err();
+            assert!(e.0.contains("https://example.com"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_network_admin_listener_needs_a_token_or_insecure() {
+        let e = run(&["--dev", "--admin-listen", "0.0.0.0:9090"], &[]).unwrap_err();
+        assert!(
+            e.0.contains("--admin-listen") && e.0.contains("--admin-token-file"),
+            "{e}"
+        );
+        let c = run(
+            &[
+                "--dev",
+                "--admin-listen",
+                "0.0.0.0:9090",
+                "--admin-insecure",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.warnings().len(), 1);
+        let c = run(&["--dev"], &[("PUSHWIRE_ADMIN_INSECURE", "true")]).unwrap();
+        assert!(c.admin_insecure && c.warnings().is_empty());
+        let e = run(&["--dev", "--admin-protect-metrics"], &[]).unwrap_err();
+        assert!(e.0.contains("--admin-token-file"), "{e}");
     }
 }

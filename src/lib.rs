@@ -62,6 +62,7 @@ pub struct Server {
     status: Arc<Status>,
     loops: Arc<[LoopHandle]>,
     keys: Arc<auth::Keys>,
+    admin_token: Arc<auth::Keys>,
     metrics: Arc<Metrics>,
     sessions: Arc<Sessions>,
     ws_addr: SocketAddr,
@@ -125,11 +126,11 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         None => None,
     };
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
-    let keys = Arc::new(
-        auth::Keys::new(config.jwt_key.clone())
-            .map_err(|e| StartError::Io("--jwt-secret-file", e))?,
-    );
-    if config.auth == config::AuthMode::Query && !ws_addr.ip().is_loopback() {
+    let keys = Arc::new(auth::Keys::new(config.jwt_key.clone()));
+    let admin_token = Arc::new(auth::Keys::new(
+        config.admin_token.clone().unwrap_or_default(),
+    ));
+    if config.auth.mode == auth::AuthMode::Query && !ws_addr.ip().is_loopback() {
         log::warn!("--auth query trusts ?user= from anyone: use it for local trials only, not on {ws_addr}");
     }
 
@@ -141,12 +142,11 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         handles.push(handle);
     }
     let loops: Arc<[LoopHandle]> = handles.into();
-    let status = Arc::new(Status::new(config.redis_url.is_none()));
+    let status = Arc::new(Status::new(config.redis.is_none()));
     let metrics = Arc::new(Metrics::default());
     let sessions = Arc::new(Sessions::default());
     let config = Arc::new(config);
     let ctx = server::LoopCtx {
-        policy: Arc::new(auth::Policy::from_config(&config)),
         keys: keys.clone(),
         sessions: sessions.clone(),
         metrics: metrics.clone(),
@@ -166,8 +166,8 @@ pub fn start(config: Config) -> Result<Server, StartError> {
             .map_err(|e| StartError::Io("spawn", e))?;
         threads.push(t);
     }
-    let subscriber = match config.redis_url.clone() {
-        Some(url) => {
+    let subscriber = match config.redis.clone() {
+        Some(target) => {
             let s = subscriber::Ctx {
                 config: config.clone(),
                 delivery: delivery.clone(),
@@ -177,7 +177,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
             Some(
                 std::thread::Builder::new()
                     .name("subscriber".into())
-                    .spawn(move || subscriber::run(url, s))
+                    .spawn(move || subscriber::run(target, s))
                     .map_err(|e| StartError::Io("spawn", e))?,
             )
         }
@@ -190,6 +190,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
             status: status.clone(),
             metrics: metrics.clone(),
             sessions: sessions.clone(),
+            admin_token: admin_token.clone(),
         };
         admin::start(admin, a).map_err(|e| StartError::Io("admin listener", e))?;
     }
@@ -200,15 +201,16 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         admin_addr.map_or("off".to_string(), |a| a.to_string()),
         config.workers,
         config
-            .redis_url
-            .as_deref()
-            .map_or("off (standalone)".to_string(), redact),
+            .redis
+            .as_ref()
+            .map_or("off (standalone)".to_string(), |r| r.to_string()),
     );
     Ok(Server {
         config,
         status,
         loops,
         keys,
+        admin_token,
         metrics,
         sessions,
         ws_addr,
@@ -262,15 +264,25 @@ pub fn run(config: Config) -> Result<(), StartError> {
         }
         for sig in signals.pending() {
             match sig {
-                SIGHUP => match server.keys.reload() {
-                    Ok(true) => log::info!(
-                        "SIGHUP: re-read the JWT key file; new connections need the new key"
-                    ),
-                    Ok(false) => log::info!("SIGHUP: no --jwt-secret-file to re-read"),
-                    Err(e) => log::error!(
-                        "SIGHUP: cannot re-read the JWT key file, keeping the old key: {e}"
-                    ),
-                },
+                SIGHUP => {
+                    match config::reload(server.config.jwt_key_file.as_deref(), &server.keys) {
+                        Ok(true) => log::info!(
+                            "SIGHUP: re-read the JWT key file; new connections need the new key"
+                        ),
+                        Ok(false) => log::info!("SIGHUP: no --jwt-secret-file to re-read"),
+                        Err(e) => log::error!(
+                            "SIGHUP: cannot re-read the JWT key file, keeping the old key: {e}"
+                        ),
+                    }
+                    let admin = server.config.admin_token_file.as_deref();
+                    match config::reload(admin, &server.admin_token) {
+                        Ok(true) => log::info!("SIGHUP: re-read the admin token file"),
+                        Ok(false) => {}
+                        Err(e) => log::error!(
+                            "SIGHUP: cannot re-read the admin token file, keeping the old token: {e}"
+                        ),
+                    }
+                }
                 _ if drain_started.is_some() => {
                     log::warn!("second stop signal during the drain: exiting now");
                     std::process::exit(1);
@@ -306,7 +318,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
             }
         }
         if notify.is_enabled() && last_status.elapsed() >= status_every {
-            let redis = match (&server.config.redis_url, server.status.is_ready()) {
+            let redis = match (&server.config.redis, server.status.is_ready()) {
                 (None, _) => "standalone",
                 (Some(_), true) => "redis subscribed",
                 (Some(_), false) => "redis NOT subscribed",

@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     let cfg = match config::parse(std::env::args_os().skip(1), |k| std::env::var(k).ok()) {
         Ok(Command::Run(c)) => c,
         Ok(Command::Help) => {
-            print!("{}", config::HELP);
+            print!("{}", config::help());
             return ExitCode::SUCCESS;
         }
         Ok(Command::Version) => {
@@ -27,6 +27,9 @@ fn main() -> ExitCode {
         .with_utc_timestamps();
     if logger.init().is_err() {
         eprintln!("pushwire: cannot start logging");
+    }
+    for w in cfg.warnings() {
+        log::warn!("{w}");
     }
     match pushwire::run(*cfg) {
         Ok(()) => ExitCode::SUCCESS,

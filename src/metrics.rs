@@ -4,32 +4,16 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-/// Labels of `pushwire_handshake_rejected_total`, one per refusal reason.
-pub const REJECT_REASONS: &[&str] = &[
-    "bad_request",
-    "not_found",
-    "method",
-    "origin",
-    "unauthorized",
-    "limit",
-    "shutdown",
-    "too_large",
-    "timeout",
-];
-
-/// The index of a refusal reason; unknown reasons count as `bad_request`.
-pub fn reason_index(reason: &str) -> usize {
-    REJECT_REASONS
-        .iter()
-        .position(|r| *r == reason)
-        .unwrap_or(0)
-}
+use crate::auth::Reason;
 
 #[derive(Default)]
 pub struct Metrics {
     pub connections: AtomicU64,
     pub connections_accepted: AtomicU64,
-    pub handshake_rejected: [AtomicU64; 9],
+    /// Indexed by [`Reason::index`].
+    pub handshake_rejected: [AtomicU64; Reason::COUNT],
+    /// Admin requests refused for a missing or wrong token.
+    pub admin_rejected: AtomicU64,
     pub notices_received: AtomicU64,
     pub notices_invalid: AtomicU64,
     pub notices_dropped: AtomicU64,
@@ -46,8 +30,12 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn reject(&self, reason: &str) {
-        self.handshake_rejected[reason_index(reason)].fetch_add(1, Relaxed);
+    pub fn reject(&self, reason: Reason) {
+        self.reject_n(reason, 1);
+    }
+
+    pub fn reject_n(&self, reason: Reason, n: u64) {
+        self.handshake_rejected[reason.index()].fetch_add(n, Relaxed);
     }
 
     pub fn render(&self, users: usize) -> String {
@@ -154,12 +142,19 @@ impl Metrics {
             "Times the resync notice was sent after a loss.",
             self.resync_sent.load(Relaxed),
         );
+        one(
+            "pushwire_admin_rejected_total",
+            "counter",
+            "Admin requests refused for a missing or wrong token.",
+            self.admin_rejected.load(Relaxed),
+        );
         let _ = writeln!(out, "# HELP pushwire_handshake_rejected_total Upgrades refused, by reason.\n# TYPE pushwire_handshake_rejected_total counter");
-        for (reason, n) in REJECT_REASONS.iter().zip(&self.handshake_rejected) {
+        for reason in Reason::ALL {
             let _ = writeln!(
                 out,
-                "pushwire_handshake_rejected_total{{reason=\"{reason}\"}} {}",
-                n.load(Relaxed)
+                "pushwire_handshake_rejected_total{{reason=\"{}\"}} {}",
+                reason.label(),
+                self.handshake_rejected[reason.index()].load(Relaxed)
             );
         }
         let _ = writeln!(out, "# HELP process_resident_memory_bytes Resident memory size in bytes.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {}", resident_bytes());

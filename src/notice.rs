@@ -76,14 +76,11 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
 
 /// A user id from a notice: strings as they are, integers in decimal, so
 /// `42` and `"42"` name the same user.
+/// The JWT `sub` goes through the same [`crate::auth::canonical_user`].
 fn user_id(v: &Value) -> Option<Box<str>> {
-    match v {
-        Value::String(s) if !s.is_empty() && s.len() <= crate::auth::MAX_USER_ID_LEN => {
-            Some(s.as_str().into())
-        }
-        Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string().into()),
-        _ => None,
-    }
+    crate::auth::canonical_user(v)
+        .filter(|s| !s.is_empty() && s.len() <= crate::auth::MAX_USER_ID_LEN)
+        .map(|s| s.into())
 }
 
 pub fn parse(payload: &[u8]) -> Result<Notice, NoticeError> {

@@ -12,8 +12,7 @@ use serde_json::{Number, Value};
 use tungstenite::handshake::machine::TryParse;
 use tungstenite::handshake::server::Request;
 
-use crate::auth::{self, Claims, JwtError, Policy};
-use crate::config::AuthMode;
+use crate::auth::{self, AuthConfig, AuthMode, Claims, JwtError};
 use crate::notice::{self, Route, MAX_NOTICE_BYTES};
 
 fn config() -> ProptestConfig {
@@ -388,7 +387,8 @@ impl ClaimSpec {
         Value::Object(m)
     }
 
-    /// SPEC section 4: exp and nbf with 30 s leeway, `sub` a non-empty string.
+    /// SPEC section 4: exp and nbf with 30 s leeway, `sub` a non-empty
+    /// string or an integer (as its decimal, the form notices use).
     fn expected(&self, now: u64) -> Result<Claims, JwtError> {
         if self.exp.is_some_and(|e| now > e.saturating_add(30)) {
             return Err(JwtError::Expired);
@@ -399,6 +399,10 @@ impl ClaimSpec {
         match &self.sub {
             Some(Value::String(s)) if !s.is_empty() => Ok(Claims {
                 sub: s.clone(),
+                exp: self.exp,
+            }),
+            Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(Claims {
+                sub: n.to_string(),
                 exp: self.exp,
             }),
             _ => Err(JwtError::NoSubject),
@@ -435,11 +439,11 @@ fn token_like() -> impl Strategy<Value = String> {
 
 // ---- upgrade requests ----
 
-fn policies() -> Vec<Policy> {
+fn policies() -> Vec<AuthConfig> {
     let mut v = Vec::new();
     for mode in [AuthMode::Jwt, AuthMode::Header, AuthMode::Query] {
         for origins in [None, Some(vec!["https://app.example".to_string()])] {
-            v.push(Policy {
+            v.push(AuthConfig {
                 path: "/ws".into(),
                 mode,
                 user_header: "X-User-Id".into(),

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use redis::{Client, Connection, RedisResult, Value};
 
-use crate::config::Config;
+use crate::config::{Config, RedisTarget};
 use crate::dispatch::Delivery;
 use crate::metrics::Metrics;
 use crate::notice;
@@ -122,15 +122,8 @@ struct State {
     proven: bool,
 }
 
-pub fn run(url: String, shared: Ctx) {
-    let client = match Client::open(url.as_str()) {
-        Ok(c) => c,
-        Err(e) => {
-            // The URL was validated at start; this cannot happen.
-            log::error!("redis: bad URL: {e}");
-            return;
-        }
-    };
+pub fn run(target: RedisTarget, shared: Ctx) {
+    let client = target.client();
     let canary = format!("pushwire:canary:{:016x}", random_u64());
     let mut backoff = BACKOFF_MIN;
     let mut st = State {
@@ -140,7 +133,7 @@ pub fn run(url: String, shared: Ctx) {
         proven: false,
     };
     let mut last_unavailable_line: Option<Instant> = None;
-    let place = crate::redact(&url);
+    let place = target.to_string();
     while !shared.status.is_shutting_down() {
         st.proven = false;
         let end = match open_link(&client, &shared, &canary) {

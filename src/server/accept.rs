@@ -120,7 +120,7 @@ impl Acceptor {
         if self.reserve_fd.take().is_some() {
             while let Ok((sock, _)) = self.listener.accept() {
                 drop(sock);
-                metrics.reject("limit");
+                metrics.reject(crate::auth::Reason::Limit);
             }
         }
         // Reopen it (or retry a reserve lost to another thread).

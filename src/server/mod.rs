@@ -52,7 +52,6 @@ const MAX_EXTRA_DRAINS: usize = 4;
 #[derive(Clone)]
 pub struct LoopCtx {
     pub config: Arc<Config>,
-    pub policy: Arc<auth::Policy>,
     pub keys: Arc<auth::Keys>,
     pub sessions: Arc<Sessions>,
     pub metrics: Arc<Metrics>,
@@ -317,7 +316,7 @@ impl Worker {
             }
             return;
         }
-        if req.uri().path() != ctx.policy.path {
+        if req.uri().path() != ctx.config.auth.path {
             return self.refuse(slot, auth::NOT_FOUND, now);
         }
         let Ok(response) = create_response(req) else {
@@ -326,10 +325,11 @@ impl Worker {
         if ctx.status.is_shutting_down() {
             return self.refuse(slot, auth::SHUTTING_DOWN, now);
         }
-        let identity = match auth::check(req, &ctx.policy, &ctx.keys.current(), auth::unix_now()) {
-            Ok(id) => id,
-            Err(r) => return self.refuse(slot, r, now),
-        };
+        let identity =
+            match auth::check(req, &ctx.config.auth, &ctx.keys.current(), auth::unix_now()) {
+                Ok(id) => id,
+                Err(r) => return self.refuse(slot, r, now),
+            };
         let open = ctx.metrics.connections.fetch_add(1, Ordering::Relaxed);
         if open >= ctx.config.max_connections as u64 {
             ctx.metrics.connections.fetch_sub(1, Ordering::Relaxed);
@@ -462,8 +462,7 @@ impl Worker {
             }
         }
         let m = &self.ctx.metrics;
-        m.handshake_rejected[crate::metrics::reason_index("timeout")]
-            .fetch_add(handshake_timeouts, Ordering::Relaxed);
+        m.reject_n(auth::Reason::Timeout, handshake_timeouts);
         m.idle_closed.fetch_add(idle, Ordering::Relaxed);
         m.token_expired_closed
             .fetch_add(expired.len() as u64, Ordering::Relaxed);

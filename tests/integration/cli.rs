@@ -121,6 +121,20 @@ fn bad_values_exit_2_with_one_line_naming_the_flag() {
             &["--jwt-secret-file", "/nonexistent/pushwire.key"],
             "--jwt-secret-file",
         ),
+        (&["--history-size", "many"], "--history-size"),
+        (&["--history-ttl", "0"], "--history-ttl"),
+        (&["--key-prefix", "push:wire"], "--key-prefix"),
+        (&["--node-id", "has space"], "--node-id"),
+        (&["--offline-grace", "-1"], "--offline-grace"),
+        (
+            &["--max-connections-per-user", "-1"],
+            "--max-connections-per-user",
+        ),
+        (&["--allowed-origins", "example.com"], "--allowed-origins"),
+        (
+            &["--admin-token-file", "/nonexistent/admin.token"],
+            "--admin-token-file",
+        ),
         (&["--bogus", "1"], "--bogus"),
         (&["--workers"], "--workers"),
     ];
@@ -238,6 +252,19 @@ const EVERY_FLAG: &[(&str, &str)] = &[
     ("--resync-notice", "PUSHWIRE_RESYNC_NOTICE"),
     ("--workers", "PUSHWIRE_WORKERS"),
     ("--log-level", "PUSHWIRE_LOG"),
+    ("--admin-token-file", "PUSHWIRE_ADMIN_TOKEN_FILE"),
+    ("--admin-insecure", "PUSHWIRE_ADMIN_INSECURE"),
+    ("--admin-protect-metrics", "PUSHWIRE_ADMIN_PROTECT_METRICS"),
+    ("--history-size", "PUSHWIRE_HISTORY_SIZE"),
+    ("--history-ttl", "PUSHWIRE_HISTORY_TTL"),
+    ("--key-prefix", "PUSHWIRE_KEY_PREFIX"),
+    ("--node-id", "PUSHWIRE_NODE_ID"),
+    ("--events-channel", "PUSHWIRE_EVENTS_CHANNEL"),
+    ("--offline-grace", "PUSHWIRE_OFFLINE_GRACE"),
+    (
+        "--max-connections-per-user",
+        "PUSHWIRE_MAX_CONNECTIONS_PER_USER",
+    ),
 ];
 
 #[test]
@@ -261,6 +288,114 @@ fn help_lists_every_flag_and_exits_0() {
     }
     // Help wins even when a secret is missing: nothing is validated.
     assert_eq!(run(&["--workers", "4", "--help"], &[]).code, Some(0));
+}
+
+#[test]
+fn help_fits_80_columns_and_states_the_token_claims_in_one_line() {
+    let _w = watchdog(20);
+    let o = run(&["--help"], &[]);
+    assert_eq!(o.code, Some(0));
+    for line in o.stdout.lines() {
+        assert!(
+            line.chars().count() <= 80,
+            "wider than 80 columns: {line:?}"
+        );
+    }
+    let claims: Vec<&str> = o
+        .stdout
+        .lines()
+        .filter(|l| l.contains(" sub ") && l.contains("exp") && l.contains("nbf"))
+        .collect();
+    assert_eq!(
+        claims.len(),
+        1,
+        "one line names sub, exp and nbf: {claims:?}"
+    );
+    assert!(claims[0].contains("integer"), "{claims:?}");
+}
+
+#[test]
+fn the_first_bad_value_is_reported_before_the_missing_key() {
+    let _w = watchdog(20);
+    // No JWT key either: the bad number is what the operator must fix first.
+    let line = refused(&["--max-connections", "abc"], &[]);
+    assert!(
+        line.contains("--max-connections") && line.contains("abc") && !line.contains("HS256"),
+        "{line}"
+    );
+    // The first bad flag on the command line.
+    let line = refused(&["--workers", "0", "--max-connections", "abc"], &[]);
+    assert!(line.contains("--workers"), "{line}");
+    // Once the values are good, the missing key.
+    let line = refused(&["--max-connections", "5"], &[]);
+    assert!(line.contains("--jwt-secret-file"), "{line}");
+}
+
+#[test]
+fn a_bad_value_from_the_environment_names_the_variable() {
+    let _w = watchdog(20);
+    let line = refused(&[], &[("PUSHWIRE_MAX_CONNECTIONS", "abc")]);
+    assert!(
+        line.starts_with("pushwire: PUSHWIRE_MAX_CONNECTIONS=abc: expected "),
+        "{line}"
+    );
+    let line = refused(&["--dev"], &[("PUSHWIRE_ALLOWED_ORIGINS", "example.com")]);
+    assert!(
+        line.contains("PUSHWIRE_ALLOWED_ORIGINS=example.com")
+            && line.contains("https://example.com"),
+        "{line}"
+    );
+    // A URL that may hold a password is never repeated.
+    let line = refused(&["--dev"], &[("PUSHWIRE_REDIS_URL", "http://u:hunter2@x")]);
+    assert!(
+        line.contains("PUSHWIRE_REDIS_URL") && !line.contains("hunter2"),
+        "{line}"
+    );
+}
+
+#[test]
+fn an_origin_without_a_scheme_is_refused_with_the_form_expected() {
+    let _w = watchdog(20);
+    for list in [
+        "example.com",
+        "https://a.example,b.example",
+        "https://a.example/app",
+    ] {
+        let line = refused(&["--dev", "--allowed-origins", list], &[]);
+        assert!(
+            line.contains("--allowed-origins") && line.contains("https://example.com"),
+            "{list}: {line}"
+        );
+    }
+    let node = Node::start(&[
+        "--dev",
+        "--allowed-origins",
+        "https://a.example,http://localhost:3000",
+    ]);
+    assert_eq!(node.admin_get("/readyz").0, 200);
+}
+
+#[test]
+fn the_options_of_features_still_to_come_are_accepted() {
+    let _w = watchdog(20);
+    let node = Node::start(&[
+        "--dev",
+        "--history-size",
+        "0",
+        "--history-ttl",
+        "60",
+        "--key-prefix",
+        "pw_test",
+        "--node-id",
+        "node-a:1",
+        "--events-channel",
+        "events",
+        "--offline-grace",
+        "2.5",
+        "--max-connections-per-user",
+        "3",
+    ]);
+    assert_eq!(node.admin_get("/readyz").0, 200);
 }
 
 #[test]

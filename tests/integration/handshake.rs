@@ -1,5 +1,6 @@
 //! Upgrade refusals (SPEC section 4): each with its exact HTTP status, a
-//! plain HTTP answer, and its `pushwire_handshake_rejected_total` reason.
+//! plain HTTP answer that says the precise reason, and its
+//! `pushwire_handshake_rejected_total` reason.
 
 use std::time::Duration;
 
@@ -14,12 +15,27 @@ fn rejected(node: &Node, reason: &str) -> f64 {
     ))
 }
 
-/// Every reason's counter, in `pushwire::metrics::REJECT_REASONS` order.
+/// Every reason's counter, in `pushwire::auth::Reason::ALL` order.
 fn all_rejected(node: &Node) -> Vec<(String, f64)> {
-    pushwire::metrics::REJECT_REASONS
+    pushwire::auth::Reason::ALL
         .iter()
-        .map(|r| (r.to_string(), rejected(node, r)))
+        .map(|r| (r.label().to_string(), rejected(node, r.label())))
         .collect()
+}
+
+/// A raw upgrade request to `path_and_query` with extra header lines;
+/// returns the status and the body of the refusal.
+fn refusal(node: &Node, path_and_query: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut req = format!(
+        "GET {path_and_query} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let resp = http_raw(node.ws, req.as_bytes());
+    let (st, body) = parse_response(resp.as_bytes());
+    (st, body.trim_end().to_string())
 }
 
 /// Asserts that exactly the given reasons have the given counts and every
@@ -80,7 +96,7 @@ fn missing_token_is_401() {
         )),
         401
     );
-    assert_rejected(&n, &[("unauthorized", 5.0)]);
+    assert_rejected(&n, &[("no_token", 5.0)]);
     assert_eq!(n.metric("pushwire_connections"), 0.0);
     assert_eq!(n.metric("pushwire_connections_accepted_total"), 0.0);
 }
@@ -105,7 +121,7 @@ fn bad_signature_is_401() {
     );
     // Garbage.
     assert_eq!(status(Client::connect(&n.url("/ws?token=a.b.c"))), 401);
-    assert_rejected(&n, &[("unauthorized", 3.0)]);
+    assert_rejected(&n, &[("bad_signature", 2.0), ("malformed_token", 1.0)]);
     // The genuine token still works.
     let mut c = Client::connect(&n.url(&format!("/ws?token={good}"))).expect("upgrade");
     assert_is_user(&n, &mut c, "42");
@@ -137,7 +153,7 @@ fn alg_none_and_other_algs_are_401() {
             "token {t}"
         );
     }
-    assert_rejected(&n, &[("unauthorized", tokens.len() as f64)]);
+    assert_rejected(&n, &[("alg_not_allowed", tokens.len() as f64)]);
     assert_eq!(n.metric("pushwire_connections_accepted_total"), 0.0);
 }
 
@@ -170,7 +186,7 @@ fn expired_token_is_401_but_leeway_is_honoured() {
         status(Client::connect(&n.url(&format!("/ws?token={future}")))),
         401
     );
-    assert_rejected(&n, &[("unauthorized", 3.0)]);
+    assert_rejected(&n, &[("token_expired", 2.0), ("not_yet_valid", 1.0)]);
     // Expired 10 s ago: inside the leeway, accepted.
     let recent = token("42", Some(now - 10));
     let mut c = Client::connect(&n.url(&format!("/ws?token={recent}"))).expect("within leeway");
@@ -319,7 +335,7 @@ fn authorization_bearer_header_works() {
         )),
         401
     );
-    assert_rejected(&n, &[("unauthorized", 1.0)]);
+    assert_rejected(&n, &[("bad_signature", 1.0)]);
 }
 
 #[test]
@@ -336,7 +352,7 @@ fn auth_header_mode_takes_the_user_from_the_header() {
         401
     );
     assert_eq!(status(Client::connect(&n.url("/ws?user=7"))), 401);
-    assert_rejected(&n, &[("unauthorized", 3.0)]);
+    assert_rejected(&n, &[("no_user", 3.0)]);
 
     // A custom header name.
     let m = Node::start(&["--auth", "header", "--user-header", "X-Auth-User"]);
@@ -362,7 +378,101 @@ fn auth_query_mode_trusts_the_user_parameter() {
     assert_is_user(&n, &mut d, "a b");
     assert_eq!(status(Client::connect(&n.url("/ws"))), 401);
     assert_eq!(status(Client::connect(&n.url("/ws?user="))), 401);
-    assert_rejected(&n, &[("unauthorized", 2.0)]);
+    assert_rejected(&n, &[("no_user", 1.0), ("bad_user", 1.0)]);
     assert_eq!(n.metric("pushwire_connections"), 2.0);
     assert_eq!(n.metric("pushwire_users"), 2.0);
+}
+
+#[test]
+fn each_refusal_says_its_reason_in_the_body_the_log_and_the_metric() {
+    let _w = watchdog(30);
+    let n = jwt_node(&["--log-level", "debug"]);
+    let now = unix_now();
+    let sign = |c: serde_json::Value, key: &[u8]| pushwire::auth::sign_hs256(&c, key);
+    let key = SECRET.as_bytes();
+    let none = URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#);
+    let claims = URL_SAFE_NO_PAD.encode(br#"{"sub":"42"}"#);
+    let cases: Vec<(String, &str, &str)> = vec![
+        ("/ws".into(), "no token", "no_token"),
+        (
+            format!(
+                "/ws?token={}",
+                sign(serde_json::json!({"sub": "42"}), b"other")
+            ),
+            "bad signature",
+            "bad_signature",
+        ),
+        (
+            format!("/ws?token={none}.{claims}."),
+            "alg not allowed",
+            "alg_not_allowed",
+        ),
+        (
+            format!("/ws?token={}", token("42", Some(now - 120))),
+            "token expired",
+            "token_expired",
+        ),
+        (
+            format!(
+                "/ws?token={}",
+                sign(serde_json::json!({"sub": "42", "nbf": now + 600}), key)
+            ),
+            "token not yet valid",
+            "not_yet_valid",
+        ),
+        (
+            format!(
+                "/ws?token={}",
+                sign(serde_json::json!({"exp": now + 600}), key)
+            ),
+            "sub missing",
+            "sub_missing",
+        ),
+        (
+            format!("/ws?token={}", sign(serde_json::json!({"sub": [1]}), key)),
+            "sub missing",
+            "sub_missing",
+        ),
+        ("/ws?token=x.y".into(), "malformed token", "malformed_token"),
+    ];
+    for (path, message, reason) in &cases {
+        let before = rejected(&n, reason);
+        assert_eq!(refusal(&n, path, &[]), (401, message.to_string()), "{path}");
+        assert_eq!(rejected(&n, reason), before + 1.0, "{reason}");
+        assert!(
+            wait_until(T, || n.log_contains(&format!("refused 401 {message}"))),
+            "no debug line for {message}"
+        );
+    }
+    // Through the header as well, and a bearer-less header is no token.
+    let bearer = format!("Bearer {}", token("42", Some(now - 120)));
+    assert_eq!(
+        refusal(&n, "/ws", &[("Authorization", &bearer)]),
+        (401, "token expired".into())
+    );
+    assert_eq!(
+        refusal(&n, "/ws", &[("Authorization", "Basic eDp5")]),
+        (401, "no token".into())
+    );
+    assert_eq!(n.metric("pushwire_connections_accepted_total"), 0.0);
+}
+
+#[test]
+fn an_integer_sub_is_the_user_notices_name_with_an_integer_or_a_string() {
+    let _w = watchdog(20);
+    let n = jwt_node(&[]);
+    let t = pushwire::auth::sign_hs256(&serde_json::json!({"sub": 42}), SECRET.as_bytes());
+    let mut c = Client::connect(&n.url(&format!("/ws?token={t}"))).expect("integer sub");
+    // The string form reaches it...
+    assert_is_user(&n, &mut c, "42");
+    // ...and so does the integer form.
+    let notice = r#"{"userId":42,"text":"int"}"#;
+    assert_eq!(n.publish(notice).0, 202);
+    assert_eq!(c.recv_text(T).as_deref(), Some(notice));
+    // A float or a boolean is not a user id.
+    for sub in [serde_json::json!(4.5), serde_json::json!(true)] {
+        let t = pushwire::auth::sign_hs256(&serde_json::json!({ "sub": sub }), SECRET.as_bytes());
+        assert_eq!(refusal(&n, &format!("/ws?token={t}"), &[]).0, 401);
+    }
+    assert_rejected(&n, &[("sub_missing", 2.0)]);
 }

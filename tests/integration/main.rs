@@ -5,6 +5,7 @@
 
 mod util;
 
+mod admin_auth;
 mod browser;
 mod cli;
 mod handshake;

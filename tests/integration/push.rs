@@ -88,7 +88,8 @@ fn a_panic_in_one_connection_costs_only_that_connection() {
     bad.send_text(PANIC_HOOK);
     assert_eq!(bad.recv_close(T), Some(1011));
     assert!(node.wait_metric("pushwire_connections", T, |v| v == 1.0));
-    assert!(node.log_contains("a panic while handling"));
+    // The log is read by another thread: wait for the line, do not race it.
+    assert!(wait_until(T, || node.log_contains("a panic while handling")));
     let n = r#"{"userId":1,"after":"panic"}"#;
     assert_eq!(node.publish(n).0, 202);
     assert_eq!(healthy.recv_text(T).as_deref(), Some(n));
