@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use crate::auth;
 use crate::config::Config;
 use crate::dispatch::Delivery;
+use crate::history;
 use crate::http::reason_phrase;
 use crate::metrics::Metrics;
 use crate::notice::{self, NoticeError, MAX_NOTICE_BYTES};
@@ -409,48 +410,114 @@ impl Admin {
                 .fetch_add(1, Ordering::Relaxed);
             return (400, json_error(&e.to_string()));
         }
-        for _attempt in 0..2 {
-            // Take an idle connection (the lock is released at once), or
-            // make one; either way the round trip runs without the lock.
-            let idle = self
-                .idle
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .pop();
-            let mut conn = match idle {
-                Some(c) => c,
-                None => match client.get_connection_with_timeout(Duration::from_secs(2)) {
-                    Ok(c) => {
-                        let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
-                        let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
-                        c
-                    }
-                    Err(e) => return (503, json_error(&format!("redis unavailable: {e}"))),
-                },
+        for attempt in 0..2 {
+            let (mut conn, pooled) = match self.take_conn(client) {
+                Ok(c) => c,
+                Err(e) => return (503, json_error(&format!("redis unavailable: {e}"))),
             };
-            let r: redis::RedisResult<i64> = redis::cmd("PUBLISH")
-                .arg(&shared.config.channel)
-                .arg(body)
-                .query(&mut conn);
-            match r {
-                Ok(n) => {
-                    let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-                    if idle.len() < MAX_IDLE_REDIS {
-                        idle.push(conn);
-                    }
-                    // With Redis, the receivers are the subscribed nodes.
-                    return (202, format!("{{\"receivers\":{n}}}\n").into_bytes());
+            let outcome = if shared.config.history_size > 0 {
+                self.publish_durable(&mut conn, body)
+            } else {
+                let r: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+                    .arg(&shared.config.channel)
+                    .arg(body)
+                    .query(&mut conn);
+                // With Redis, the receivers are the subscribed nodes.
+                r.map(|n| (202, format!("{{\"receivers\":{n}}}\n").into_bytes()))
+            };
+            match outcome {
+                Ok(answer) => {
+                    self.put_back(conn);
+                    return answer;
                 }
-                Err(e) => {
-                    // The idle ones are likely as dead (a Redis restart).
+                // A pooled connection that a Redis restart closed fails on
+                // the write, before anything ran: a new one may retry. Any
+                // other failure may have published: never twice.
+                Err(e) if pooled && attempt == 0 && e.is_connection_dropped() => {
                     self.idle
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .clear();
                     log::debug!("admin publish: {e}; trying a new connection");
                 }
+                Err(e) => {
+                    log::debug!("admin publish: {e}");
+                    return (
+                        503,
+                        json_error(&format!(
+                            "redis failed, the notice may not have been sent: {e}"
+                        )),
+                    );
+                }
             }
         }
         (503, json_error("redis unavailable"))
+    }
+
+    /// An idle connection from the pool (the lock is released at once), or
+    /// a new one; the round trip then runs without the lock.
+    fn take_conn(&self, client: &redis::Client) -> redis::RedisResult<(redis::Connection, bool)> {
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        if let Some(c) = idle {
+            return Ok((c, true));
+        }
+        let c = client.get_connection_with_timeout(Duration::from_secs(2))?;
+        c.set_read_timeout(Some(Duration::from_secs(2)))?;
+        c.set_write_timeout(Some(Duration::from_secs(2)))?;
+        Ok((c, false))
+    }
+
+    fn put_back(&self, conn: redis::Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE_REDIS {
+            idle.push(conn);
+        }
+    }
+
+    /// The durable path (SPEC section 8): recorded in history, then sent to
+    /// every node, by the function library; answers the notice's id.
+    fn publish_durable(
+        &self,
+        conn: &mut redis::Connection,
+        body: &[u8],
+    ) -> redis::RedisResult<(u16, Vec<u8>)> {
+        let c = &self.shared.config;
+        for _ in 0..2 {
+            match history::publish(conn, &c.key_prefix, body) {
+                Ok(p) => {
+                    self.shared
+                        .metrics
+                        .durable_published
+                        .fetch_add(1, Ordering::Relaxed);
+                    let answer = serde_json::json!({"id": p.id, "receivers": p.receivers});
+                    return Ok((202, format!("{answer}\n").into_bytes()));
+                }
+                Err(history::PublishError::Refused(why)) => {
+                    self.shared
+                        .metrics
+                        .notices_invalid
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Ok((400, json_error(&why)));
+                }
+                // Nothing ran: load the library and publish again.
+                Err(history::PublishError::NoLibrary) => {
+                    history::ensure_library(
+                        conn,
+                        &c.key_prefix,
+                        c.history_size,
+                        c.history_ttl.as_secs().max(1),
+                    )?;
+                }
+                Err(history::PublishError::Redis(e)) => return Err(e),
+            }
+        }
+        Ok((
+            503,
+            json_error("the durable function library cannot be loaded"),
+        ))
     }
 }

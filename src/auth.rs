@@ -154,6 +154,7 @@ pub const OVER_USER_LIMIT: Refusal =
     Refusal::new(429, Reason::UserLimit, "too many connections for this user");
 pub const SHUTTING_DOWN: Refusal = Refusal::new(503, Reason::Shutdown, "shutting down");
 pub const TOO_LARGE: Refusal = Refusal::new(431, Reason::TooLarge, "request header too large");
+pub const BAD_SINCE: Refusal = Refusal::new(400, Reason::BadRequest, "since is not a notice id");
 pub const METHOD: Refusal = Refusal::new(405, Reason::Method, "method not allowed");
 
 /// Who a connection is, as established at the upgrade.

@@ -9,6 +9,9 @@
 //! |---|---|---|
 //! | a loop's inbox (deliveries) | [`INBOX_CAPACITY`] messages | the delivery is dropped for that loop and counted in `pushwire_notices_dropped_total`; the sender never waits (a subscriber that blocked would let Redis cut it and lose everything) |
 //! | a loop's accept queue | [`ACCEPT_CAPACITY`] sockets | the acceptor keeps the socket and serves it on its own loop: a burst of notices can never cost an accepted client |
+//! | the replayer's requests (recovery reads) | `replay::QUEUE_CAPACITY` | the connection is answered `{"recovered":false}` at once |
+//! | a loop's replies (recovery answers) | as many as requests in flight | never full |
+//! | a recovering connection's held live notices | `--max-queue-bytes` | cut as a slow consumer (1008) |
 //! | a connection's out queue | `--max-queue-bytes` | the connection is cut as a slow consumer (1008), see `connection` |
 //! | the admin listener | 16 requests at once | 503 `busy` |
 //!
@@ -23,6 +26,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::history::{ClientId, History, Id};
 use crate::metrics::Metrics;
 use crate::notice::{Notice, NoticeError, Route};
 use crate::sessions::Sessions;
@@ -37,10 +41,99 @@ pub const ACCEPT_CAPACITY: usize = 1024;
 
 /// Deliveries a loop finds in its inbox.
 pub enum Inbox {
-    /// One frame for some of this loop's connections: (slot, generation).
-    To(Bytes, Vec<(u32, u32)>),
-    /// One frame for every open connection of this loop.
-    All(Bytes),
+    /// One notice for some of this loop's connections: (slot, generation).
+    To(Frames, Vec<(u32, u32)>),
+    /// One notice for every open connection of this loop.
+    All(Frames),
+    /// The subscription was found dead: connections that use `since`
+    /// remember where they were and hold live notices until `Restored`.
+    Lost,
+    /// The subscription is proven again after a loss: connections that use
+    /// `since` are recovered from history; the others get this frame (the
+    /// `--resync-notice`), if any.
+    Restored(Option<Bytes>),
+}
+
+/// A durable notice's place in the fleet's order, with its epoch (shared:
+/// one allocation per epoch, not per notice).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DurableId {
+    pub id: Id,
+    pub epoch: Arc<str>,
+}
+
+impl DurableId {
+    pub fn client_id(&self) -> ClientId {
+        ClientId {
+            epoch: self.epoch.to_string(),
+            id: self.id,
+        }
+    }
+}
+
+/// One notice in the two forms a connection may take it in, each built
+/// once and shared by every recipient.
+#[derive(Clone)]
+pub struct Frames {
+    /// The published bytes, for connections without `since`.
+    pub plain: Bytes,
+    /// `{"id":..,"notice":..}`, or `{"notice":..}` for a plain PUBLISH, for
+    /// connections that use `since`. Empty when the node had no such
+    /// connection as it was built: a connection that needs it then builds
+    /// its own.
+    pub wrapped: Bytes,
+    pub id: Option<DurableId>,
+}
+
+/// A recovery read's answer for one connection.
+pub struct Replayed {
+    pub slot: u32,
+    pub generation: u32,
+    /// `None`: Redis could not answer (treated as missed).
+    pub history: Option<History>,
+}
+
+/// What the node knows of durable notices, shared by the loops and the
+/// subscriber.
+#[derive(Default)]
+pub struct DurableState {
+    /// Open connections that use `since`: the subscriber builds wrapped
+    /// frames only while there are some.
+    pub connections: AtomicUsize,
+    /// The last durable notice this node received: where a connection with
+    /// an empty `since` starts.
+    pub last: std::sync::Mutex<Option<DurableId>>,
+}
+
+impl DurableState {
+    pub fn last(&self) -> Option<DurableId> {
+        self.last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn set_last(&self, id: &DurableId) {
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last
+            .as_ref()
+            .is_none_or(|l| l.epoch != id.epoch || l.id < id.id)
+        {
+            *last = Some(id.clone());
+        }
+    }
+}
+
+/// `{"notice":<payload>}` as a text frame.
+pub fn wrap_plain(payload: &[u8]) -> Bytes {
+    let mut v = Vec::with_capacity(payload.len() + 11);
+    v.extend_from_slice(b"{\"notice\":");
+    v.extend_from_slice(payload);
+    v.push(b'}');
+    crate::notice::text_frame(&v)
 }
 
 /// A socket accepted by loop 0 for another loop to own.
@@ -50,6 +143,7 @@ pub struct Accepted(pub mio::net::TcpStream, pub SocketAddr);
 pub struct LoopHandle {
     inbox: Sender<Inbox>,
     accept: Sender<Accepted>,
+    replies: Sender<Replayed>,
     waker: mio::Waker,
     wake_pending: Arc<AtomicBool>,
     queued: Arc<AtomicUsize>,
@@ -61,6 +155,7 @@ pub struct LoopHandle {
 pub struct LoopEnd {
     inbox: Receiver<Inbox>,
     accept: Receiver<Accepted>,
+    replies: Receiver<Replayed>,
     wake_pending: Arc<AtomicBool>,
     queued: Arc<AtomicUsize>,
     heartbeat: Arc<AtomicU64>,
@@ -74,6 +169,8 @@ pub fn loop_channel(
     let waker = mio::Waker::new(registry, waker)?;
     let (inbox_tx, inbox_rx) = crossbeam_channel::unbounded();
     let (accept_tx, accept_rx) = crossbeam_channel::bounded(ACCEPT_CAPACITY);
+    // Bounded by the replayer's own queue: one reply per request taken.
+    let (replies_tx, replies_rx) = crossbeam_channel::unbounded();
     let wake_pending = Arc::new(AtomicBool::new(false));
     let queued = Arc::new(AtomicUsize::new(0));
     let heartbeat = Arc::new(AtomicU64::new(0));
@@ -81,6 +178,7 @@ pub fn loop_channel(
         LoopHandle {
             inbox: inbox_tx,
             accept: accept_tx,
+            replies: replies_tx,
             waker,
             wake_pending: wake_pending.clone(),
             queued: queued.clone(),
@@ -89,6 +187,7 @@ pub fn loop_channel(
         LoopEnd {
             inbox: inbox_rx,
             accept: accept_rx,
+            replies: replies_rx,
             wake_pending,
             queued,
             heartbeat,
@@ -134,6 +233,14 @@ impl LoopHandle {
         }
     }
 
+    /// Hands a recovery read's answer to this loop. Never refused: there
+    /// are never more in flight than the replayer's queue holds.
+    pub fn reply(&self, r: Replayed) {
+        if self.replies.send(r).is_ok() {
+            self.wake();
+        }
+    }
+
     /// `Status::now_ms` at the loop's last pass, for the watchdogs.
     pub fn heartbeat(&self) -> u64 {
         self.heartbeat.load(Ordering::Relaxed)
@@ -162,6 +269,11 @@ impl LoopEnd {
         })
     }
 
+    pub fn replies(&self) -> impl Iterator<Item = Replayed> + '_ {
+        let n = self.replies.len();
+        self.replies.try_iter().take(n)
+    }
+
     pub fn accepted(&self) -> impl Iterator<Item = Accepted> + '_ {
         let n = self.accept.len();
         self.accept.try_iter().take(n)
@@ -175,14 +287,34 @@ pub struct Delivery {
     loops: Arc<[LoopHandle]>,
     sessions: Arc<Sessions>,
     metrics: Arc<Metrics>,
+    durable: Arc<DurableState>,
 }
 
 impl Delivery {
-    pub fn new(loops: Arc<[LoopHandle]>, sessions: Arc<Sessions>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        loops: Arc<[LoopHandle]>,
+        sessions: Arc<Sessions>,
+        metrics: Arc<Metrics>,
+        durable: Arc<DurableState>,
+    ) -> Self {
         Delivery {
             loops,
             sessions,
             metrics,
+            durable,
+        }
+    }
+
+    pub fn durable(&self) -> &DurableState {
+        &self.durable
+    }
+
+    /// Tells every loop (the subscription's loss and return).
+    pub fn tell_all(&self, msg: impl Fn() -> Inbox) {
+        for l in self.loops.iter() {
+            if l.send(msg()).is_err() {
+                self.dropped(1);
+            }
         }
     }
 
@@ -204,11 +336,27 @@ impl Delivery {
             .fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    /// Hands one notice to the loops holding its recipients. Returns how
-    /// many connections it was queued for.
+    /// Hands one plain notice to the loops holding its recipients. Returns
+    /// how many connections it was queued for.
     pub fn deliver(&self, notice: &Notice) -> usize {
-        let users: &mut dyn Iterator<Item = &str> = match &notice.route {
-            Route::Broadcast => return self.broadcast_frame(notice.frame.clone()),
+        let wrapped = if self.durable.connections.load(Ordering::Relaxed) > 0 {
+            wrap_plain(crate::notice::payload(&notice.frame))
+        } else {
+            Bytes::new()
+        };
+        let frames = Frames {
+            plain: notice.frame.clone(),
+            wrapped,
+            id: None,
+        };
+        self.deliver_frames(&notice.route, frames)
+    }
+
+    /// Hands one notice, in both its forms, to the loops holding its
+    /// recipients.
+    pub fn deliver_frames(&self, route: &Route, frames: Frames) -> usize {
+        let users: &mut dyn Iterator<Item = &str> = match route {
+            Route::Broadcast => return self.broadcast(frames),
             Route::User(u) => &mut std::iter::once(&**u),
             Route::Users(list) => &mut list.iter().map(|u| &**u),
         };
@@ -224,7 +372,7 @@ impl Delivery {
                 continue;
             }
             let n = conns.len();
-            match l.send(Inbox::To(notice.frame.clone(), conns)) {
+            match l.send(Inbox::To(frames.clone(), conns)) {
                 Ok(()) => queued += n,
                 Err(_) => self.dropped(n),
             }
@@ -232,13 +380,13 @@ impl Delivery {
         queued
     }
 
-    /// Sends one frame to every connection of this node; returns the
+    /// Sends one notice to every connection of this node; returns the
     /// node's connection count when at least one loop took it (the loops
     /// know their own counts).
-    pub fn broadcast_frame(&self, frame: Bytes) -> usize {
+    pub fn broadcast(&self, frames: Frames) -> usize {
         let mut taken = 0;
         for l in self.loops.iter() {
-            match l.send(Inbox::All(frame.clone())) {
+            match l.send(Inbox::All(frames.clone())) {
                 Ok(()) => taken += 1,
                 Err(_) => self.dropped(1),
             }
@@ -248,6 +396,12 @@ impl Delivery {
         } else {
             self.metrics.connections.load(Ordering::Relaxed) as usize
         }
+    }
+
+    /// Counts an invalid notice and logs it (at most one line a second).
+    pub fn invalid(&self, e: &NoticeError) {
+        self.metrics.notices_invalid.fetch_add(1, Ordering::Relaxed);
+        warn_invalid(e);
     }
 
     /// Counts, parses and delivers one published message. An invalid one is
@@ -260,8 +414,7 @@ impl Delivery {
         match crate::notice::parse(payload) {
             Ok(n) => Ok(self.deliver(&n)),
             Err(e) => {
-                self.metrics.notices_invalid.fetch_add(1, Ordering::Relaxed);
-                warn_invalid(&e);
+                self.invalid(&e);
                 Err(e)
             }
         }

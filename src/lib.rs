@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 pub use config::Config;
 
-use dispatch::{Delivery, LoopHandle};
+use dispatch::{Delivery, DurableState, LoopHandle, Replayed};
 use metrics::Metrics;
 use sessions::Sessions;
 use status::Status;
@@ -69,6 +69,7 @@ pub struct Server {
     admin_addr: Option<SocketAddr>,
     threads: Vec<JoinHandle<()>>,
     subscriber: Option<JoinHandle<()>>,
+    replayer_stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Server {
@@ -84,6 +85,7 @@ impl Server {
     /// with 1001, flush, stop. Returns at once; [`Server::wait`] waits.
     pub fn shutdown(&self) {
         self.status.begin_shutdown();
+        self.replayer_stop.store(true, Ordering::Relaxed);
         for l in self.loops.iter() {
             l.wake();
         }
@@ -146,15 +148,55 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     let metrics = Arc::new(Metrics::default());
     let sessions = Arc::new(Sessions::default());
     let config = Arc::new(config);
+    let durable = Arc::new(DurableState::default());
+    let replayer_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let replayer = match &config.redis {
+        Some(target) if config.history_size > 0 => {
+            let to = loops.clone();
+            let sink = move |r: replay::Reply| {
+                let (worker, slot, generation) = server::from_replay_token(r.token);
+                if let Some(l) = to.get(worker as usize) {
+                    l.reply(Replayed {
+                        slot,
+                        generation,
+                        history: r.result.ok(),
+                    });
+                }
+            };
+            // Approximate trimming keeps up to one stream node (100
+            // entries) more than --history-size, in each of two streams.
+            let limit = history::Limit {
+                entries: 2 * config.history_size + 200,
+                bytes: config.max_queue_bytes,
+            };
+            let r = replay::Replayer::spawn(
+                target.client(),
+                config.key_prefix.clone(),
+                limit,
+                replayer_stop.clone(),
+                sink,
+            )
+            .map_err(|e| StartError::Io("spawn", e))?;
+            Some(Arc::new(r))
+        }
+        _ => None,
+    };
+    let delivery = Delivery::new(
+        loops.clone(),
+        sessions.clone(),
+        metrics.clone(),
+        durable.clone(),
+    );
+
     let ctx = server::LoopCtx {
         keys: keys.clone(),
         sessions: sessions.clone(),
         metrics: metrics.clone(),
         status: status.clone(),
         config: config.clone(),
+        durable: durable.clone(),
+        replayer,
     };
-    let delivery = Delivery::new(loops.clone(), sessions.clone(), metrics.clone());
-
     let mut listener = Some((listener, loops.clone()));
     let mut threads = Vec::new();
     for (id, (poll, end)) in prepared.into_iter().enumerate() {
@@ -217,6 +259,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         admin_addr,
         threads,
         subscriber,
+        replayer_stop,
     })
 }
 

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub redis_reconnects: AtomicU64,
     pub canary_failures: AtomicU64,
     pub resync_sent: AtomicU64,
+    pub recoveries_recovered: AtomicU64,
+    pub recoveries_missed: AtomicU64,
+    pub replayed_notices: AtomicU64,
+    pub durable_published: AtomicU64,
 }
 
 impl Metrics {
@@ -148,6 +152,19 @@ impl Metrics {
             "Admin requests refused for a missing or wrong token.",
             self.admin_rejected.load(Relaxed),
         );
+        one(
+            "pushwire_replayed_notices_total",
+            "counter",
+            "Durable notices replayed from history.",
+            self.replayed_notices.load(Relaxed),
+        );
+        one(
+            "pushwire_durable_published_total",
+            "counter",
+            "Durable notices published through POST /publish.",
+            self.durable_published.load(Relaxed),
+        );
+        let _ = writeln!(out, "# HELP pushwire_recoveries_total Recoveries from history (since on the URL, or after a Redis loss), by result.\n# TYPE pushwire_recoveries_total counter\npushwire_recoveries_total{{result=\"recovered\"}} {}\npushwire_recoveries_total{{result=\"missed\"}} {}", self.recoveries_recovered.load(Relaxed), self.recoveries_missed.load(Relaxed));
         let _ = writeln!(out, "# HELP pushwire_handshake_rejected_total Upgrades refused, by reason.\n# TYPE pushwire_handshake_rejected_total counter");
         for reason in Reason::ALL {
             let _ = writeln!(

@@ -124,6 +124,16 @@ pub fn parse(payload: &[u8]) -> Result<Notice, NoticeError> {
     })
 }
 
+/// The payload of an unmasked frame built by [`frame`].
+pub fn payload(frame: &[u8]) -> &[u8] {
+    let header = match frame.get(1) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    frame.get(header..).unwrap_or_default()
+}
+
 /// An unmasked, final text frame carrying `payload`.
 pub fn text_frame(payload: &[u8]) -> Bytes {
     frame(0x81, payload)
@@ -193,6 +203,9 @@ mod tests {
         assert_eq!(f.len(), big.len() + 10);
         let mid = vec![b'a'; 300];
         assert_eq!(&text_frame(&mid)[..4], &[0x81, 126, 1, 44]);
+        for p in [&text[..], &mid[..], &big[..], b""] {
+            assert_eq!(payload(&text_frame(p)), p);
+        }
     }
 
     #[test]

@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 use redis::{Client, Connection, RedisResult, Value};
 
 use crate::config::{Config, RedisTarget};
-use crate::dispatch::Delivery;
+use crate::connection::intern_epoch;
+use crate::dispatch::{Delivery, DurableId, Frames, Inbox};
+use crate::history;
 use crate::metrics::Metrics;
 use crate::notice;
 use crate::status::Status;
@@ -35,6 +37,14 @@ pub struct Ctx {
     pub delivery: Delivery,
     pub status: Arc<Status>,
     pub metrics: Arc<Metrics>,
+}
+
+impl Ctx {
+    /// The channel durable notices come on (SPEC section 8), when history
+    /// is on.
+    fn durable_channel(&self) -> Option<String> {
+        (self.config.history_size > 0).then(|| format!("{}:notices", self.config.key_prefix))
+    }
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -62,6 +72,9 @@ struct Sub {
     /// delivered through the link before it (the seam of a stitch), and
     /// are skipped.
     skip_until: Option<u64>,
+    durable: Option<String>,
+    /// One shared string per epoch met.
+    epoch: Option<Arc<str>>,
 }
 
 /// What one read of a subscription brought.
@@ -95,9 +108,47 @@ impl Sub {
             return Ok(Read::Canary(seq));
         }
         if self.skip_until.is_none() {
-            let _ = shared.delivery.handle_payload(msg.get_payload_bytes());
+            if self.durable.as_deref() == Some(msg.get_channel_name()) {
+                self.deliver_durable(shared, msg.get_payload_bytes());
+            } else {
+                let _ = shared.delivery.handle_payload(msg.get_payload_bytes());
+            }
         }
         Ok(Read::Notice)
+    }
+
+    /// A durable notice: `{"id":..,"notice":..}` as the function library
+    /// published it. Delivered in both forms, built once each.
+    fn deliver_durable(&mut self, shared: &Ctx, payload: &[u8]) {
+        let d = &shared.delivery;
+        d.metrics().notices_received.fetch_add(1, Ordering::Relaxed);
+        let Some((id, id_str, range)) = history::parse_envelope(payload) else {
+            d.invalid(&notice::NoticeError::NotJson(
+                "not a durable notice envelope".into(),
+            ));
+            return;
+        };
+        let n = match notice::parse(&payload[range]) {
+            Ok(n) => n,
+            Err(e) => return d.invalid(&e),
+        };
+        let epoch = id_str.split(':').next().unwrap_or_default();
+        let id = DurableId {
+            id,
+            epoch: intern_epoch(&mut self.epoch, epoch),
+        };
+        d.durable().set_last(&id);
+        let wrapped = if d.durable().connections.load(Ordering::Relaxed) > 0 {
+            notice::text_frame(payload)
+        } else {
+            bytes::Bytes::new()
+        };
+        let frames = Frames {
+            plain: n.frame,
+            wrapped,
+            id: Some(id),
+        };
+        d.deliver_frames(&n.route, frames);
     }
 }
 
@@ -157,6 +208,9 @@ pub fn run(target: RedisTarget, shared: Ctx) {
         if st.proven {
             log::warn!("redis: subscription lost: {why}; reconnecting");
             last_unavailable_line = None;
+            // Connections that use `since` hold live notices from here and
+            // are recovered from history once a link is proven again.
+            shared.delivery.tell_all(|| Inbox::Lost);
         } else if last_unavailable_line.is_none_or(|t| t.elapsed() >= UNAVAILABLE_LINE_EVERY) {
             // A link that never worked (Redis down at start, a wrong
             // password): say why, and again now and then while it lasts,
@@ -212,13 +266,15 @@ fn open_link(client: &Client, shared: &Ctx, canary: &str) -> Result<Link, String
         .map_err(|e| format!("socket options: {e}"))?;
     // One command: Redis writes both confirmations back to back, so no
     // message can come between them.
-    let subscribe = redis::cmd("SUBSCRIBE")
-        .arg(&shared.config.channel)
-        .arg(canary)
-        .get_packed_command();
-    sub.send_packed_command(&subscribe)
+    let durable = shared.durable_channel();
+    let mut subscribe = redis::cmd("SUBSCRIBE");
+    subscribe.arg(&shared.config.channel).arg(canary);
+    if let Some(d) = &durable {
+        subscribe.arg(d);
+    }
+    sub.send_packed_command(&subscribe.get_packed_command())
         .map_err(|e| format!("subscribe: {e}"))?;
-    for _ in 0..2 {
+    for _ in 0..(2 + durable.is_some() as usize) {
         match sub.recv_response() {
             Ok(Value::ServerError(e)) => return Err(format!("subscribe: {e}")),
             Ok(_) => {}
@@ -227,13 +283,47 @@ fn open_link(client: &Client, shared: &Ctx, canary: &str) -> Result<Link, String
     }
     sub.set_read_timeout(Some(POLL_INTERVAL))
         .map_err(|e| format!("socket options: {e}"))?;
+    let mut publisher = publisher;
+    if durable.is_some() {
+        load_library(shared, &mut publisher);
+    }
     Ok(Link {
         publisher,
         sub: Sub {
             conn: sub,
             skip_until: None,
+            durable,
+            epoch: None,
         },
     })
+}
+
+/// Loads (or upgrades) the function library on every new link: Redis may
+/// have lost it (a restart without persistence, a failover). Not fatal:
+/// plain notices flow without it; durable publishing answers an error.
+fn load_library(shared: &Ctx, conn: &mut Connection) {
+    let c = &shared.config;
+    match history::ensure_library(
+        conn,
+        &c.key_prefix,
+        c.history_size,
+        c.history_ttl.as_secs().max(1),
+    ) {
+        Ok(history::LoadOutcome::Loaded { previous }) => log::debug!(
+            "redis: function library {} loaded (version {}, was {previous:?})",
+            c.key_prefix,
+            history::LIBRARY_VERSION
+        ),
+        Ok(history::LoadOutcome::KeptNewer { theirs }) => log::warn!(
+            "redis: function library {} version {theirs} is newer than ours ({}): kept",
+            c.key_prefix,
+            history::LIBRARY_VERSION
+        ),
+        Err(e) => log::warn!(
+            "redis: cannot load the function library {} (durable notices need Redis 7): {e}",
+            c.key_prefix
+        ),
+    }
 }
 
 fn publish_canary(publisher: &mut Connection, canary: &str, seq: u64) -> RedisResult<i64> {
@@ -359,12 +449,11 @@ fn on_proven(shared: &Ctx, canary: &str, st: &mut State) {
         .redis_reconnects
         .fetch_add(1, Ordering::Relaxed);
     log::info!("redis: subscription restored on {}", shared.config.channel);
-    if let Some(text) = &shared.config.resync_notice {
+    let resync = shared.config.resync_notice.as_ref().map(|text| {
         shared.metrics.resync_sent.fetch_add(1, Ordering::Relaxed);
-        shared
-            .delivery
-            .broadcast_frame(notice::text_frame(text.as_bytes()));
-    }
+        notice::text_frame(text.as_bytes())
+    });
+    shared.delivery.tell_all(|| Inbox::Restored(resync.clone()));
 }
 
 /// A random number for jitter and the canary's channel name, from the

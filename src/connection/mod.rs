@@ -7,6 +7,7 @@
 //! a connection leave `Open` hands back the user, so the loop unregisters
 //! it in one place.
 
+mod durable;
 mod out;
 
 use std::io::{self, Read};
@@ -20,9 +21,12 @@ use tungstenite::handshake::machine::TryParse;
 use tungstenite::handshake::server::Request;
 use tungstenite::protocol::{Message, Role, WebSocket, WebSocketConfig};
 
+pub use durable::{intern_epoch, Durable, Recovery};
 pub use out::{Io, OutQueue};
 
 use crate::auth::{self, Refusal};
+use crate::dispatch::Frames;
+use crate::history::{ClientId, History};
 use crate::notice;
 
 /// Frames (or handshake reads) taken from one connection per event before
@@ -65,6 +69,15 @@ pub struct Open {
     pub expires: Option<u64>,
     /// Control frames seen from the client since the last tick.
     control_frames: u32,
+    pub mode: Mode,
+}
+
+/// Which form of each notice a connection takes.
+pub enum Mode {
+    /// The published bytes, as they are (no `since` on the URL).
+    Plain,
+    /// Wrapped with their ids, recoverable (`since` on the URL).
+    Durable(Box<Durable>),
 }
 
 /// What the loop does next with a connection.
@@ -204,6 +217,7 @@ impl Conn {
         used: usize,
         config: WebSocketConfig,
         identity: auth::Identity,
+        mode: Mode,
         now: Instant,
         first_ping: Duration,
     ) -> bool {
@@ -220,6 +234,7 @@ impl Conn {
             user: identity.user.into(),
             expires: identity.expires,
             control_frames: 0,
+            mode,
         }));
         self.last_rx = now;
         // The first ping comes `first_ping` later than the interval, so that
@@ -255,13 +270,15 @@ impl Conn {
         true
     }
 
-    /// Open -> Closing. Returns the user who left, for the loop to
-    /// unregister; `None` (and nothing changed) when it was not open.
-    pub fn close(&mut self, how: Close, now: Instant) -> Option<Box<str>> {
+    /// Open -> Closing. Returns the user who left and whether it used
+    /// `since`, for the loop to unregister; `None` (and nothing changed)
+    /// when it was not open.
+    pub fn close(&mut self, how: Close, now: Instant) -> Option<(Box<str>, bool)> {
         let Phase::Open(open) = self.take_phase_if(|p| matches!(p, Phase::Open(_))) else {
             return None;
         };
-        let Open { ws, user, .. } = *open;
+        let Open { ws, user, mode, .. } = *open;
+        let durable = matches!(mode, Mode::Durable(_));
         let mut io = ws.into_inner();
         match how {
             Close::Answered => {}
@@ -276,7 +293,7 @@ impl Conn {
             until: now + CLOSE_LINGER,
             write_shut: false,
         };
-        Some(user)
+        Some((user, durable))
     }
 
     /// Moves the phase out when `want` says it is the expected one;
@@ -289,19 +306,62 @@ impl Conn {
         }
     }
 
-    /// Queues a frame for an open connection. A frame always fits an empty
-    /// queue, so a notice up to the 1 MiB notice limit reaches a client
-    /// that keeps up, whatever `max`.
-    pub fn queue(&mut self, frame: &Bytes, max: usize) -> Queued {
+    /// Queues a notice for an open connection, in the form it takes. A
+    /// frame always fits an empty queue, so a notice up to the 1 MiB notice
+    /// limit reaches a client that keeps up, whatever `max`.
+    pub fn queue(&mut self, frames: &Frames, max: usize) -> Queued {
         let Phase::Open(open) = &mut self.phase else {
             return Queued::NotOpen;
         };
         let out = &mut open.ws.get_mut().out;
-        if !out.is_empty() && out.len() + frame.len() > max {
-            return Queued::Full;
+        match &mut open.mode {
+            Mode::Plain => push_limited(out, &frames.plain, max),
+            Mode::Durable(d) => d.queue(out, frames, max),
         }
-        out.push(frame.clone());
-        Queued::Yes
+    }
+
+    /// Queues bytes (a batch of plain frames, the resync notice) for an
+    /// open connection without `since`.
+    pub fn queue_plain(&mut self, frame: &Bytes, max: usize) -> Queued {
+        match &mut self.phase {
+            Phase::Open(open) if matches!(open.mode, Mode::Plain) => {
+                push_limited(&mut open.ws.get_mut().out, frame, max)
+            }
+            _ => Queued::NotOpen,
+        }
+    }
+
+    /// The durable state of an open connection that uses `since`.
+    pub fn durable(&mut self) -> Option<&mut Durable> {
+        match &mut self.phase {
+            Phase::Open(open) => match &mut open.mode {
+                Mode::Durable(d) => Some(d),
+                Mode::Plain => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Ends a recovery with its answer; see [`Durable::finish`].
+    pub fn finish_recovery(&mut self, history: Option<History>) -> Option<Recovery> {
+        let Phase::Open(open) = &mut self.phase else {
+            return None;
+        };
+        let Mode::Durable(d) = &mut open.mode else {
+            return None;
+        };
+        d.finish(&mut open.ws.get_mut().out, history)
+    }
+
+    /// Who an open connection is and where it would recover from.
+    pub fn recovery_point(&mut self) -> Option<(Box<str>, Option<ClientId>)> {
+        let Phase::Open(open) = &mut self.phase else {
+            return None;
+        };
+        let Mode::Durable(d) = &mut open.mode else {
+            return None;
+        };
+        Some((open.user.clone(), d.begin_recovery()))
     }
 
     /// Writes the queue; a closing connection whose queue is empty
@@ -367,14 +427,24 @@ impl Conn {
         }
     }
 
-    /// The user of an open connection (for the loop's bookkeeping when it
-    /// removes one).
-    pub fn open_user(&self) -> Option<&str> {
+    /// The user of an open connection, and whether it uses `since` (for
+    /// the loop's bookkeeping when it removes one).
+    pub fn open_user(&self) -> Option<(&str, bool)> {
         match &self.phase {
-            Phase::Open(o) => Some(&o.user),
+            Phase::Open(o) => Some((&o.user, matches!(o.mode, Mode::Durable(_)))),
             _ => None,
         }
     }
+}
+
+/// Pushes unless the queue would pass `max` (a frame always fits an empty
+/// queue).
+fn push_limited(out: &mut OutQueue, frame: &Bytes, max: usize) -> Queued {
+    if !out.is_empty() && out.len() + frame.len() > max {
+        return Queued::Full;
+    }
+    out.push(frame.clone());
+    Queued::Yes
 }
 
 impl Open {

@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use super::Worker;
 use crate::connection::{Close, Queued};
-use crate::dispatch::{Inbox, LoopEnd};
+use crate::dispatch::{Frames, Inbox, LoopEnd};
 
 /// While flushing, the inbox is drained again after this many connections.
 const FLUSH_DRAIN_EVERY: usize = 64;
@@ -25,28 +25,48 @@ impl Worker {
         let mut batch: Vec<u8> = Vec::new();
         let mut batched = 0u64;
         for msg in end.drain() {
+            if batched > 0
+                && !matches!(&msg, Inbox::All(f) if self.durable_here == 0 && batch.len() + f.plain.len() <= limit)
+            {
+                self.broadcast(std::mem::take(&mut batch), batched, now);
+                batched = 0;
+            }
             match msg {
-                Inbox::All(frame) => {
-                    // A frame over the limit makes a batch of its own.
-                    if batched > 0 && batch.len() + frame.len() > limit {
-                        self.broadcast(std::mem::take(&mut batch), batched, now);
-                        batched = 0;
-                    }
-                    batch.extend_from_slice(&frame);
+                // Joined only while no connection here needs each notice
+                // on its own (those that use `since` track ids).
+                Inbox::All(frames) if self.durable_here == 0 => {
+                    batch.extend_from_slice(&frames.plain);
                     batched += 1;
                 }
-                Inbox::To(frame, targets) => {
-                    if batched > 0 {
-                        self.broadcast(std::mem::take(&mut batch), batched, now);
-                        batched = 0;
-                    }
-                    self.deliver_to(&frame, targets, now);
-                }
+                Inbox::All(frames) => self.broadcast_each(&frames, now),
+                Inbox::To(frames, targets) => self.deliver_to(&frames, targets, now),
+                Inbox::Lost => self.on_lost(),
+                Inbox::Restored(resync) => self.on_restored(resync),
             }
         }
         if batched > 0 {
             self.broadcast(batch, batched, now);
         }
+    }
+
+    /// One broadcast notice to every open connection, in each one's form.
+    fn broadcast_each(&mut self, frames: &Frames, now: Instant) {
+        let max = self.ctx.config.max_queue_bytes;
+        let mut cut = Vec::new();
+        for (slot, conn) in self.conns.iter_mut() {
+            match conn.queue(frames, max) {
+                Queued::Yes => {
+                    self.delivered += 1;
+                    if !conn.dirty {
+                        conn.dirty = true;
+                        self.dirty.push(slot);
+                    }
+                }
+                Queued::Full => cut.push(slot),
+                Queued::NotOpen => {}
+            }
+        }
+        self.cut_slow(cut, now);
     }
 
     /// Queues `frames` (`count` whole frames, one buffer of this loop's own:
@@ -57,7 +77,7 @@ impl Worker {
         let frames = Bytes::from(frames);
         let mut cut = Vec::new();
         for (slot, conn) in self.conns.iter_mut() {
-            match conn.queue(&frames, max) {
+            match conn.queue_plain(&frames, max) {
                 Queued::Yes => {
                     self.delivered += count;
                     if !conn.dirty {
@@ -72,7 +92,7 @@ impl Worker {
         self.cut_slow(cut, now);
     }
 
-    fn deliver_to(&mut self, frame: &Bytes, targets: Vec<(u32, u32)>, now: Instant) {
+    fn deliver_to(&mut self, frame: &Frames, targets: Vec<(u32, u32)>, now: Instant) {
         let max = self.ctx.config.max_queue_bytes;
         let mut cut = Vec::new();
         for (slot, generation) in targets {

@@ -28,9 +28,11 @@ use accept::Acceptor;
 
 use crate::auth::{self, Refusal};
 use crate::config::Config;
-use crate::connection::{Close, Conn, Due, Step, Timers};
-use crate::dispatch::{LoopEnd, LoopHandle};
+use crate::connection::{Close, Conn, Due, Durable, Mode, Step, Timers};
+use crate::dispatch::{DurableId, DurableState, LoopEnd, LoopHandle, Replayed};
+use crate::history::ClientId;
 use crate::metrics::Metrics;
+use crate::replay::{self, Replayer};
 use crate::sessions::{ConnId, Sessions};
 use crate::status::Status;
 
@@ -56,6 +58,27 @@ pub struct LoopCtx {
     pub sessions: Arc<Sessions>,
     pub metrics: Arc<Metrics>,
     pub status: Arc<Status>,
+    pub durable: Arc<DurableState>,
+    /// Recovery reads (with Redis and history on).
+    pub replayer: Option<Arc<Replayer>>,
+}
+
+/// A connection's id as the replayer carries it: loop, slot and
+/// generation in one `u64` (16 + 24 + 24 bits; a slot or generation past
+/// 2^24 only wraps, which a request in flight for a few ms never meets).
+pub fn replay_token(worker: u16, slot: usize, generation: u32) -> u64 {
+    (u64::from(worker) << 48)
+        | ((slot as u64 & 0xff_ffff) << 24)
+        | (u64::from(generation) & 0xff_ffff)
+}
+
+/// The loop, slot and (24-bit) generation of a replay token.
+pub fn from_replay_token(t: u64) -> (u16, u32, u32) {
+    (
+        (t >> 48) as u16,
+        ((t >> 24) & 0xff_ffff) as u32,
+        (t & 0xff_ffff) as u32,
+    )
 }
 
 pub struct Worker {
@@ -74,6 +97,8 @@ pub struct Worker {
     tick: Duration,
     draining_until: Option<Instant>,
     delivered: u64,
+    /// Open connections of this loop that use `since`.
+    durable_here: usize,
 }
 
 /// A loop's poll and the two ends of its queues, made before any loop runs
@@ -123,6 +148,7 @@ impl Worker {
             tick,
             draining_until: None,
             delivered: 0,
+            durable_here: 0,
         })
     }
 
@@ -158,6 +184,9 @@ impl Worker {
             end.clear_wake();
             for a in end.accepted() {
                 self.add(a.0, a.1, now);
+            }
+            for r in end.replies() {
+                self.on_replayed(r);
             }
             self.drain_inbox(&end, now);
             for (slot, generation) in std::mem::take(&mut self.again) {
@@ -330,6 +359,20 @@ impl Worker {
                 Ok(id) => id,
                 Err(r) => return self.refuse(slot, r, now),
             };
+        // `since` on the URL: absent, plain frames; empty, wrapped frames
+        // from now on; an id, a recovery first.
+        let since = match req
+            .uri()
+            .query()
+            .and_then(|q| auth::query_param(q, "since"))
+        {
+            None => None,
+            Some(s) if s.is_empty() => Some(None),
+            Some(s) => match ClientId::parse(&s) {
+                Some(id) => Some(Some(id)),
+                None => return self.refuse(slot, auth::BAD_SINCE, now),
+            },
+        };
         let open = ctx.metrics.connections.fetch_add(1, Ordering::Relaxed);
         if open >= ctx.config.max_connections as u64 {
             ctx.metrics.connections.fetch_sub(1, Ordering::Relaxed);
@@ -343,9 +386,25 @@ impl Worker {
         let _ = write_response(&mut head, &response);
         let user = identity.user.clone();
         let skew = ping_skew(conn.generation, &ctx.config);
-        if !conn.open(head, used, self.ws_config, identity, now, skew) {
+        let mode = match &since {
+            None => Mode::Plain,
+            Some(None) => Mode::Durable(Box::new(Durable::new(ctx.durable.last(), false))),
+            Some(Some(since)) => Mode::Durable(Box::new(Durable::new(
+                Some(DurableId {
+                    id: since.id,
+                    epoch: since.epoch.as_str().into(),
+                }),
+                true,
+            ))),
+        };
+        let generation = conn.generation;
+        if !conn.open(head, used, self.ws_config, identity, mode, now, skew) {
             ctx.metrics.connections.fetch_sub(1, Ordering::Relaxed);
             return;
+        }
+        if since.is_some() {
+            self.durable_here += 1;
+            ctx.durable.connections.fetch_add(1, Ordering::Relaxed);
         }
         let id = ConnId {
             worker: self.id,
@@ -353,6 +412,13 @@ impl Worker {
             generation: conn.generation,
         };
         ctx.sessions.add(&user, id);
+        if let Some(Some(since)) = since {
+            // Registered for live notices first, then the read: the seam.
+            self.request_recovery(slot, generation, user.clone().into(), Some(since));
+        }
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
         ctx.metrics
             .connections_accepted
             .fetch_add(1, Ordering::Relaxed);
@@ -399,14 +465,18 @@ impl Worker {
             return;
         };
         let generation = conn.generation;
-        if let Some(user) = conn.close(how, now) {
-            self.left(&user, slot, generation);
+        if let Some((user, durable)) = conn.close(how, now) {
+            self.left(&user, durable, slot, generation);
         }
         self.flush(slot);
     }
 
     /// Bookkeeping for a connection that is no longer open.
-    fn left(&self, user: &str, slot: usize, generation: u32) {
+    fn left(&mut self, user: &str, durable: bool, slot: usize, generation: u32) {
+        if durable {
+            self.durable_here -= 1;
+            self.ctx.durable.connections.fetch_sub(1, Ordering::Relaxed);
+        }
         self.ctx
             .sessions
             .remove(user, self.conn_id(slot, generation));
@@ -417,8 +487,8 @@ impl Worker {
         let Some(conn) = self.conns.try_remove(slot) else {
             return;
         };
-        if let Some(user) = conn.open_user() {
-            self.left(user, slot, conn.generation);
+        if let Some((user, durable)) = conn.open_user() {
+            self.left(user, durable, slot, conn.generation);
         }
         // Dropping the socket closes it and takes it out of the poll.
     }
@@ -430,6 +500,94 @@ impl Worker {
         };
         if let Step::Gone = conn.flush() {
             self.remove(slot);
+        }
+    }
+
+    /// Asks for a recovery read; with no replayer, or its queue full, or
+    /// no point to recover from, the connection is answered
+    /// `{"recovered":false}` at once.
+    fn request_recovery(
+        &mut self,
+        slot: usize,
+        generation: u32,
+        user: Box<str>,
+        since: Option<ClientId>,
+    ) {
+        let asked = match (&self.ctx.replayer, since) {
+            (Some(r), Some(since)) => r
+                .try_request(replay::Request {
+                    token: replay_token(self.id, slot, generation),
+                    user,
+                    since,
+                })
+                .is_ok(),
+            _ => false,
+        };
+        if !asked {
+            self.on_replayed(Replayed {
+                slot: slot as u32,
+                generation,
+                history: None,
+            });
+        }
+    }
+
+    /// A recovery read's answer: the replay, the status frame, then the
+    /// live notices held meanwhile.
+    fn on_replayed(&mut self, r: Replayed) {
+        let slot = r.slot as usize;
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        if conn.generation & 0xff_ffff != r.generation & 0xff_ffff {
+            return;
+        }
+        let Some(done) = conn.finish_recovery(r.history) else {
+            return;
+        };
+        let m = &self.ctx.metrics;
+        if done.recovered {
+            m.recoveries_recovered.fetch_add(1, Ordering::Relaxed);
+        } else {
+            m.recoveries_missed.fetch_add(1, Ordering::Relaxed);
+        }
+        m.replayed_notices
+            .fetch_add(done.replayed as u64, Ordering::Relaxed);
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(slot);
+        }
+    }
+
+    /// The subscription is lost: connections that use `since` hold live
+    /// notices from here, where their recovery will start.
+    pub(super) fn on_lost(&mut self) {
+        for (_, conn) in self.conns.iter_mut() {
+            if let Some(d) = conn.durable() {
+                d.hold();
+            }
+        }
+    }
+
+    /// The subscription is back: recover the connections that use
+    /// `since`, send the resync notice to the others.
+    pub(super) fn on_restored(&mut self, resync: Option<bytes::Bytes>) {
+        let max = self.ctx.config.max_queue_bytes;
+        let mut recover = Vec::new();
+        for (slot, conn) in self.conns.iter_mut() {
+            if let Some((user, since)) = conn.recovery_point() {
+                recover.push((slot, conn.generation, user, since));
+            } else if let Some(frame) = &resync {
+                if let crate::connection::Queued::Yes = conn.queue_plain(frame, max) {
+                    if !conn.dirty {
+                        conn.dirty = true;
+                        self.dirty.push(slot);
+                    }
+                }
+            }
+        }
+        for (slot, generation, user, since) in recover {
+            self.request_recovery(slot, generation, user, since);
         }
     }
 
