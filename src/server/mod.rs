@@ -39,6 +39,9 @@ use crate::status::Status;
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
 
+/// The browser client served at `/pushwire.js`.
+const CLIENT_JS: &[u8] = include_bytes!("../pushwire.js");
+
 /// Events taken from one `poll`.
 const EVENTS_CAPACITY: usize = 1024;
 /// tungstenite's read buffer, set at accept: it stays resident for every
@@ -342,6 +345,13 @@ impl Worker {
             let page = crate::admin::DEMO_PAGE.as_bytes();
             if let Some(conn) = self.conns.get_mut(slot) {
                 conn.answer(200, "text/html; charset=utf-8", page, now);
+            }
+            return;
+        }
+        if req.uri().path() == "/pushwire.js" {
+            // The browser client, on every node (SPEC section 8).
+            if let Some(conn) = self.conns.get_mut(slot) {
+                conn.answer(200, "application/javascript; charset=utf-8", CLIENT_JS, now);
             }
             return;
         }

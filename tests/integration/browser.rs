@@ -237,27 +237,34 @@ fn notices(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[test]
-fn demo_page_in_headless_chromium_shows_a_published_notice() {
-    let _w = watchdog(150);
-    let Some(binary) = chromium_binary() else {
-        if std::env::var("PUSHWIRE_SKIP_BROWSER").as_deref() == Ok("1") {
-            eprintln!("SKIPPED: no chromium at /usr/bin/chromium and PUSHWIRE_SKIP_BROWSER=1");
-            return;
-        }
-        panic!(
-            "headless Chromium is required for this test: install it (apt-get install -y chromium) \
-             so that /usr/bin/chromium exists, point PUSHWIRE_CHROMIUM at it, or set \
-             PUSHWIRE_SKIP_BROWSER=1 to skip the browser test"
-        );
-    };
-    let node = Node::start(&["--dev"]);
-    let url = format!("http://{}/?user=42", node.ws);
-    let mut browser = Chromium::launch(&binary, &url);
-    let port = browser.devtools_port();
-    let mut page = Page::attach(port, &url);
+/// The notices' ids (`data-id`; null for a notice that came without one).
+const IDS: &str =
+    "JSON.stringify(Array.from(document.querySelectorAll('li.notice'), e => e.dataset.id || null))";
 
-    // The page's own WebSocket connects as user 42.
+fn ids(v: &Value) -> Vec<Option<String>> {
+    v.as_str()
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_default()
+}
+
+/// The Chromium binary; None when it is missing and `PUSHWIRE_SKIP_BROWSER=1`.
+fn chromium_or_skip() -> Option<String> {
+    if let Some(binary) = chromium_binary() {
+        return Some(binary);
+    }
+    if std::env::var("PUSHWIRE_SKIP_BROWSER").as_deref() == Ok("1") {
+        eprintln!("SKIPPED: no chromium at /usr/bin/chromium and PUSHWIRE_SKIP_BROWSER=1");
+        return None;
+    }
+    panic!(
+        "headless Chromium is required for this test: install it (apt-get install -y chromium) \
+         so that /usr/bin/chromium exists, point PUSHWIRE_CHROMIUM at it, or set \
+         PUSHWIRE_SKIP_BROWSER=1 to skip the browser test"
+    );
+}
+
+/// Waits until the page's connection is open.
+fn wait_open(page: &mut Page) {
     let state = page.eval_until(
         "document.getElementById('status').dataset.state",
         BOOT,
@@ -269,6 +276,22 @@ fn demo_page_in_headless_chromium_shows_a_published_notice() {
         "page status: {}",
         page.eval("document.getElementById('status').textContent")
     );
+}
+
+#[test]
+fn demo_page_in_headless_chromium_shows_a_published_notice() {
+    let _w = watchdog(150);
+    let Some(binary) = chromium_or_skip() else {
+        return;
+    };
+    let node = Node::start(&["--dev"]);
+    let url = format!("http://{}/?user=42", node.ws);
+    let mut browser = Chromium::launch(&binary, &url);
+    let port = browser.devtools_port();
+    let mut page = Page::attach(port, &url);
+
+    // The page's own WebSocket connects as user 42.
+    wait_open(&mut page);
     assert!(node.wait_metric("pushwire_connections", PAGE_T, |v| v == 1.0));
     assert_eq!(
         page.eval("document.getElementById('user').textContent"),
@@ -302,6 +325,149 @@ fn demo_page_in_headless_chromium_shows_a_published_notice() {
     assert_eq!(
         page.eval("document.getElementById('count').textContent"),
         "2"
+    );
+    drop(page);
+    drop(browser);
+}
+
+/// A `--dev` node on Redis, listening on `listen`, subscribed.
+fn dev_node(redis: &Redis, listen: &str) -> Node {
+    let url = redis.url();
+    let node = Node::start(&[
+        "--dev",
+        "--redis",
+        &url,
+        "--canary-interval",
+        "0.5",
+        // Last one wins over Node::start's `--listen 127.0.0.1:0`.
+        "--listen",
+        listen,
+    ]);
+    assert!(node.wait_ready(PAGE_T), "node did not become ready");
+    node
+}
+
+/// The page's client (/pushwire.js) keeps the last durable id it saw; when
+/// the node it is connected to restarts, it comes back with `since=<that
+/// id>` and is replayed what was published while it was away, then told
+/// `{"recovered":true,"replayed":2}`.
+#[test]
+fn reconnect_with_recovery_in_chromium() {
+    let _w = watchdog(200);
+    let Some(binary) = chromium_or_skip() else {
+        return;
+    };
+    let redis = Redis::start();
+    let mut node = dev_node(&redis, "127.0.0.1:0");
+    let listen = node.ws.to_string();
+    let url = format!("http://{listen}/?user=42");
+    let mut browser = Chromium::launch(&binary, &url);
+    let port = browser.devtools_port();
+    let mut page = Page::attach(port, &url);
+    wait_open(&mut page);
+    assert!(node.wait_metric("pushwire_connections", PAGE_T, |v| v == 1.0));
+    // Record every close code the client reports, to see the 1001 below.
+    page.eval(
+        "window.closeCodes = []; { const f = client.opts.onStatus; \
+         client.opts.onStatus = (s, d) => { if (s === 'closed') closeCodes.push(d.code); f(s, d); }; } 0",
+    );
+
+    // With Redis, POST /publish is durable: it answers the id, and the page
+    // shows the notice with that id.
+    let n1 = r#"{"userId":"42","text":"before the restart"}"#;
+    let (status, body) = node.publish(n1);
+    assert_eq!(status, 202, "{body}");
+    let id1 = serde_json::from_str::<Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id in {body}"))
+        .to_string();
+    let shown = page.eval_until(NOTICES, PAGE_T, |v| !notices(v).is_empty());
+    assert_eq!(notices(&shown), vec![n1.to_string()], "byte for byte, once");
+    assert_eq!(ids(&page.eval(IDS)), vec![Some(id1.clone())]);
+    assert_eq!(
+        page.eval("document.getElementById('lastid').textContent"),
+        id1.as_str()
+    );
+    assert_eq!(
+        page.eval("document.getElementById('recovery').dataset.state"),
+        "none",
+        "a first connect (empty since) gets no status frame"
+    );
+
+    // The node shuts down: the page sees 1001 and retries with backoff
+    // against a closed port.
+    node.signal(libc::SIGTERM);
+    let exit = node.wait_exit(PAGE_T);
+    assert!(exit.is_some_and(|s| s.success()), "node exit: {exit:?}");
+    let codes = page.eval_until("JSON.stringify(closeCodes)", PAGE_T, |v| v != "[]");
+    assert!(
+        codes.as_str().is_some_and(|c| c.starts_with("[1001")),
+        "close codes seen by the page: {codes}"
+    );
+
+    // Two durable notices while no node is up, straight through Redis.
+    let mut missed = Vec::new();
+    for text in ["while down 1", "while down 2"] {
+        let n = format!(r#"{{"userId":"42","text":"{text}"}}"#);
+        let id = redis
+            .cmd(&["FCALL", "pushwire_publish", "0", &n])
+            .unwrap_or_else(|e| panic!("FCALL pushwire_publish: {e}"));
+        missed.push((n, id.trim().to_string()));
+    }
+    assert_ne!(missed[0].1, missed[1].1);
+    assert!(!page.eval(NOTICES).as_str().unwrap().contains("while down"));
+
+    // A node again on the same address: the page reconnects with
+    // since=<id1>, is replayed both, in order, then told recovered 2.
+    let node = dev_node(&redis, &listen);
+    let recovery = "JSON.stringify([document.getElementById('recovery').dataset.state, \
+                    document.getElementById('recovery').dataset.replayed || null])";
+    let rec = page.eval_until(recovery, Duration::from_secs(60), |v| {
+        v.as_str().is_some_and(|s| s.contains("recovered"))
+    });
+    assert_eq!(
+        rec,
+        r#"["recovered","2"]"#,
+        "recovery status; page status: {}",
+        page.eval("document.getElementById('status').textContent")
+    );
+    let shown = page.eval_until(NOTICES, PAGE_T, |v| notices(v).len() >= 3);
+    assert_eq!(
+        notices(&shown),
+        vec![n1.to_string(), missed[0].0.clone(), missed[1].0.clone()],
+        "the missed notices, byte for byte, once each, in order"
+    );
+    assert_eq!(
+        ids(&page.eval(IDS)),
+        vec![
+            Some(id1),
+            Some(missed[0].1.clone()),
+            Some(missed[1].1.clone())
+        ]
+    );
+    assert_eq!(
+        page.eval("document.getElementById('status').dataset.state"),
+        "open"
+    );
+    assert_eq!(
+        page.eval("document.getElementById('lastid').textContent"),
+        missed[1].1.as_str()
+    );
+    assert_eq!(
+        node.metric(r#"pushwire_recoveries_total{result="recovered"}"#),
+        1.0
+    );
+
+    // Live notices follow the replay on the new connection.
+    let n4 = r#"{"userId":"42","text":"after the restart"}"#;
+    let (status, body) = node.publish(n4);
+    assert_eq!(status, 202, "{body}");
+    let shown = page.eval_until(NOTICES, PAGE_T, |v| notices(v).len() >= 4);
+    assert_eq!(notices(&shown).len(), 4, "{shown}");
+    assert_eq!(notices(&shown)[3], n4);
+    assert_eq!(
+        page.eval("document.getElementById('count').textContent"),
+        "4"
     );
     drop(page);
     drop(browser);
