@@ -511,16 +511,25 @@ fn dev_serves_the_demo_page_and_proper_statuses_for_other_paths() {
         .expect("Content-Length");
     assert_eq!(len, body.len());
     for needed in [
-        "new WebSocket(",
-        "\"notice\"",
+        "src=\"/pushwire.js\"",
         "id=\"status\"",
         "127.0.0.1:9090/publish",
     ] {
         assert!(body.contains(needed), "the page lacks {needed}");
     }
-    // Small and self-contained: nothing fetched from elsewhere.
+    // Small and self-contained: nothing fetched from elsewhere but the
+    // client the node itself serves (on every node, not only --dev).
     assert!(body.len() < 8 * 1024, "{} bytes", body.len());
-    for external in ["src=", "href=", "@import", "url("] {
+    let js = get("/pushwire.js");
+    let (status, script) = parse_response(js.as_bytes());
+    assert_eq!(status, 200, "{js}");
+    let ctype = header_value(&js, "content-type").unwrap_or_default();
+    assert!(ctype.starts_with("application/javascript"), "{ctype}");
+    for needed in ["new WebSocket(", "since", "recovered"] {
+        assert!(script.contains(needed), "pushwire.js lacks {needed}");
+    }
+    assert!(script.len() < 16 * 1024, "{} bytes", script.len());
+    for external in ["src=\"http", "src=\"//", "href=\"http", "@import", "url("] {
         assert!(!body.contains(external), "external resource: {external}");
     }
 
