@@ -80,6 +80,19 @@ pub enum Mode {
     Durable(Box<Durable>),
 }
 
+/// What the loop decided for an upgrade it accepts.
+pub struct Opening {
+    /// The 101 response head.
+    pub response: Vec<u8>,
+    /// Bytes of the read buffer the request used (the rest are frames).
+    pub used: usize,
+    pub config: WebSocketConfig,
+    pub identity: auth::Identity,
+    pub mode: Mode,
+    /// How much later than `--ping-interval` the first ping comes.
+    pub first_ping: Duration,
+}
+
 /// What the loop does next with a connection.
 #[derive(Debug)]
 pub enum Step {
@@ -211,16 +224,15 @@ impl Conn {
     /// Handshake -> Open: queues the 101 `response` head, and the frames
     /// that came right behind the request stay buffered for the next read.
     /// `false` (and nothing changed) when the connection is not handshaking.
-    pub fn open(
-        &mut self,
-        response: Vec<u8>,
-        used: usize,
-        config: WebSocketConfig,
-        identity: auth::Identity,
-        mode: Mode,
-        now: Instant,
-        first_ping: Duration,
-    ) -> bool {
+    pub fn open(&mut self, o: Opening, now: Instant) -> bool {
+        let Opening {
+            response,
+            used,
+            config,
+            identity,
+            mode,
+            first_ping,
+        } = o;
         let Phase::Handshake { mut io, buf } =
             self.take_phase_if(|p| matches!(p, Phase::Handshake { .. }))
         else {

@@ -28,7 +28,7 @@ use accept::Acceptor;
 
 use crate::auth::{self, Refusal};
 use crate::config::Config;
-use crate::connection::{Close, Conn, Due, Durable, Mode, Step, Timers};
+use crate::connection::{Close, Conn, Due, Durable, Mode, Opening, Step, Timers};
 use crate::dispatch::{DurableId, DurableState, LoopEnd, LoopHandle, Replayed};
 use crate::history::ClientId;
 use crate::metrics::Metrics;
@@ -408,7 +408,15 @@ impl Worker {
             ))),
         };
         let generation = conn.generation;
-        if !conn.open(head, used, self.ws_config, identity, mode, now, skew) {
+        let opening = Opening {
+            response: head,
+            used,
+            config: self.ws_config,
+            identity,
+            mode,
+            first_ping: skew,
+        };
+        if !conn.open(opening, now) {
             ctx.metrics.connections.fetch_sub(1, Ordering::Relaxed);
             return;
         }
