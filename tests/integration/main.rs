@@ -8,6 +8,7 @@ mod util;
 mod admin_auth;
 mod browser;
 mod cli;
+mod durable_faults;
 mod handshake;
 mod hostile;
 mod lifecycle;
