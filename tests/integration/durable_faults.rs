@@ -362,6 +362,9 @@ fn durable_seam_under_a_steady_rate_over_many_reconnects() {
         seen.extend(replay);
         cycles += 1;
     }
+    // A few more while the client is away, then the publisher stops.
+    let more = publisher.count() + 10;
+    assert!(wait_until(T, || publisher.count() >= more));
     let published = publisher.finish();
     let last_n = published.last().unwrap().n;
     assert!(published.iter().all(|p| p.id.is_some()), "FCALL failed");
@@ -538,6 +541,7 @@ fn durable_missed_when_trimmed_past_since() {
     let node = Node::with_redis(&redis, &["--history-size", "5"]);
     let id0 = one_seen(&redis, &node);
     publish_many(&redis, 1, 300);
+    node.wait_received(301, T);
     let len = redis.cmd(&["XLEN", HISTORY_KEY]).unwrap();
     eprintln!("history-size 5, 300 published: XLEN {}", len.trim());
     assert_missed(&redis, &node, &id0, "trimmed");
@@ -842,6 +846,10 @@ fn durable_huge_gap_is_missed_not_replayed() {
         t.elapsed(),
         len.trim()
     );
+    // The node's subscriber reads the 5000 live ones a while longer: a
+    // client connecting before that would get the tail of them live.
+    let (got, took) = node.wait_received(5001, Duration::from_secs(20));
+    eprintln!("node read {got} notices; the last {took:?} after the FCALLs returned");
     let len: u64 = len.trim().parse().unwrap();
     assert!(len < 1000, "history is bounded: XLEN {len}");
     assert_missed(&redis, &node, &id0, "huge gap");
