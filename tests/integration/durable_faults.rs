@@ -137,11 +137,17 @@ struct Published {
     at: Duration,
 }
 
+const KILL_BURST: u64 = 20;
+
 /// A thread publishing numbered durable notices for user 42 at a steady
 /// rate. After a failed FCALL it publishes nothing until a PING on a new
 /// connection answers, so at most one notice per outage is in doubt.
 struct Publisher {
     stop: Arc<AtomicBool>,
+    /// Set: the next tick sends `CLIENT KILL TYPE pubsub` and then
+    /// [`KILL_BURST`] FCALLs in one pipeline, so that Redis runs them
+    /// before any node can subscribe again.
+    kill: Arc<AtomicBool>,
     handle: JoinHandle<Vec<Published>>,
     log: Arc<Mutex<Vec<Published>>>,
 }
@@ -151,7 +157,8 @@ impl Publisher {
         let url = redis.url();
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(Vec::new()));
-        let (flag, sink) = (stop.clone(), log.clone());
+        let kill = Arc::new(AtomicBool::new(false));
+        let (flag, sink, kill_now) = (stop.clone(), log.clone(), kill.clone());
         let handle = std::thread::spawn(move || {
             let client = redis::Client::open(url).unwrap();
             let io = Duration::from_millis(300);
@@ -181,6 +188,36 @@ impl Publisher {
                     } else {
                         conn = None;
                     }
+                } else if let Some(c) = conn
+                    .as_mut()
+                    .filter(|_| kill_now.swap(false, Ordering::Relaxed))
+                {
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub");
+                    for k in 0..KILL_BURST {
+                        pipe.cmd("FCALL")
+                            .arg("pushwire_publish")
+                            .arg(0)
+                            .arg(numbered(n + k));
+                    }
+                    let mut r = pipe
+                        .query::<Vec<redis::Value>>(c)
+                        .expect("kill and burst")
+                        .into_iter();
+                    let killed: i64 = redis::from_redis_value(r.next().unwrap()).unwrap();
+                    eprintln!(
+                        "[{:?}] publisher: CLIENT KILL TYPE pubsub killed {killed}, then {KILL_BURST} FCALLs",
+                        t0.elapsed()
+                    );
+                    let mut sink = sink.lock().unwrap();
+                    for v in r {
+                        sink.push(Published {
+                            n,
+                            id: Some(redis::from_redis_value(v).unwrap()),
+                            at: t0.elapsed(),
+                        });
+                        n += 1;
+                    }
                 } else if let Some(c) = conn.as_mut() {
                     let notice = numbered(n);
                     let r = fcall(c, &notice);
@@ -202,7 +239,12 @@ impl Publisher {
             }
             sink.lock().unwrap().clone()
         });
-        Publisher { stop, handle, log }
+        Publisher {
+            stop,
+            kill,
+            handle,
+            log,
+        }
     }
 
     fn count(&self) -> usize {
@@ -603,7 +645,8 @@ fn durable_missed_after_redis_restart_without_persistence() {
 enum Fault {
     /// SIGSTOP of redis-server for this long, then SIGCONT.
     Pause(Duration),
-    /// `CLIENT KILL TYPE pubsub`.
+    /// `CLIENT KILL TYPE pubsub`, and a burst of notices published in the
+    /// same pipeline, before the node can be subscribed again.
     KillPubsub,
 }
 
@@ -679,13 +722,7 @@ fn subscription_loss(fault: Fault, name: &str) {
                 t0.elapsed()
             );
         }
-        Fault::KillPubsub => {
-            let r = redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
-            eprintln!(
-                "[{fault_at:?}] {name}: CLIENT KILL TYPE pubsub: {}",
-                r.trim()
-            );
-        }
+        Fault::KillPubsub => publisher.kill.store(true, Ordering::Relaxed),
     }
     let reconnected = wait_until(Duration::from_secs(15), || {
         node.metric("pushwire_redis_reconnects_total") >= 1.0
