@@ -344,15 +344,10 @@ fn durable_seam_under_a_steady_rate_over_many_reconnects() {
 
     // The first connection: empty since, live only, no status frame.
     let mut c = connect_since(&node, "");
-    loop {
-        let t = c.recv_text(T).expect("a first live notice");
-        match parse(&t) {
-            Frame::Durable { id, n } => {
-                seen.push((id, n));
-                break;
-            }
-            other => panic!("first connection (empty since): unexpected {other:?}"),
-        }
+    let t = c.recv_text(T).expect("a first live notice");
+    match parse(&t) {
+        Frame::Durable { id, n } => seen.push((id, n)),
+        other => panic!("first connection (empty since): unexpected {other:?}"),
     }
     let mut cycles = 0;
     let mut replays = Vec::new();
