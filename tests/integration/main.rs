@@ -9,6 +9,7 @@ mod admin_auth;
 mod browser;
 mod cli;
 mod durable;
+mod durable_faults;
 mod handshake;
 mod hostile;
 mod lifecycle;
