@@ -34,6 +34,8 @@ pub struct Ctx {
     pub metrics: Arc<Metrics>,
     pub sessions: Arc<Sessions>,
     pub admin_token: Arc<auth::Keys>,
+    /// The recovery-read thread, for its counters.
+    pub replayer: Option<Arc<crate::replay::Replayer>>,
 }
 
 /// The `--dev` demo page, served at `/` on the WebSocket port.
@@ -311,7 +313,14 @@ impl Admin {
                 }
             }
             ("GET", "/metrics") => {
-                let text = shared.metrics.render(shared.sessions.users());
+                let mut text = shared.metrics.render(shared.sessions.users());
+                if let Some(r) = &shared.replayer {
+                    text.push_str(&format!(
+                        "# HELP pushwire_replay_batches_total Pipelined history reads (one round trip each).\n# TYPE pushwire_replay_batches_total counter\npushwire_replay_batches_total {}\n# HELP pushwire_replay_queued Recovery reads waiting for the replayer.\n# TYPE pushwire_replay_queued gauge\npushwire_replay_queued {}\n",
+                        r.batches(),
+                        r.queued()
+                    ));
+                }
                 respond(&mut s, 200, "text/plain; version=0.0.4", text.as_bytes())
             }
             ("POST", "/publish") => {

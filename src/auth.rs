@@ -4,7 +4,6 @@
 //! come in as an [`AuthConfig`] that `config` builds; this module reads no
 //! files and knows nothing of flags.
 
-use std::borrow::Cow;
 use std::sync::{Arc, RwLock};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -16,8 +15,7 @@ use tungstenite::handshake::server::Request;
 
 /// Clock skew allowed on `exp` and `nbf`.
 pub const LEEWAY_SECS: u64 = 30;
-/// Longest user id accepted from any source; longer ones are refused.
-pub const MAX_USER_ID_LEN: usize = 256;
+pub use crate::notice::MAX_USER_ID_LEN;
 /// Longest token accepted; a JWT with a `sub` is far shorter.
 const MAX_TOKEN_LEN: usize = 4096;
 
@@ -232,17 +230,6 @@ pub fn same_secret(expected: &[u8], presented: &[u8]) -> bool {
     !expected.is_empty() && tag(presented).verify_slice(&want).is_ok()
 }
 
-/// A user id as JSON gives it: a string as it is, an integer in decimal,
-/// so `42` and `"42"` are the same user. Notices and the JWT `sub` both
-/// go through here; length limits are the caller's.
-pub fn canonical_user(v: &serde_json::Value) -> Option<Cow<'_, str>> {
-    match v {
-        serde_json::Value::String(s) => Some(Cow::Borrowed(s)),
-        serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => Some(Cow::Owned(n.to_string())),
-        _ => None,
-    }
-}
-
 /// The bearer token of an `Authorization` header value, if it has one.
 pub fn bearer(header: &str) -> Option<&str> {
     let t = header
@@ -415,7 +402,7 @@ pub fn verify_hs256(token: &str, key: &[u8], now: u64) -> Result<Claims, JwtErro
     if nbf.is_some_and(|nbf| now.saturating_add(LEEWAY_SECS) < nbf) {
         return Err(JwtError::NotYetValid);
     }
-    match claims.sub.as_ref().and_then(canonical_user) {
+    match claims.sub.as_ref().and_then(crate::notice::canonical_user) {
         Some(sub) if !sub.is_empty() => Ok(Claims {
             sub: sub.into_owned(),
             exp,

@@ -654,29 +654,29 @@ const OPTIONS: &[Opt] = &[
             Ok(())
         },
     ),
-    reserved(opt(
+    opt(
         "history-size",
         "PUSHWIRE_HISTORY_SIZE",
         "N",
         Text("100"),
-        "durable notices to keep per user; 0: none",
+        "durable notices kept per user (about); 0: off",
         |c, v| {
             c.history_size = num(v, 0, 100_000)?;
             Ok(())
         },
-    )),
-    reserved(opt(
+    ),
+    opt(
         "history-ttl",
         "PUSHWIRE_HISTORY_TTL",
         "SECS",
         Text("300"),
-        "how long a user's history is to live",
+        "history lives this long after its last notice",
         |c, v| {
             c.history_ttl = secs(v, 1.0, 30.0 * 86_400.0)?;
             Ok(())
         },
-    )),
-    reserved(opt(
+    ),
+    opt(
         "key-prefix",
         "PUSHWIRE_KEY_PREFIX",
         "P",
@@ -692,7 +692,7 @@ const OPTIONS: &[Opt] = &[
             c.key_prefix = v.to_string();
             Ok(())
         },
-    )),
+    ),
     reserved(opt(
         "node-id",
         "PUSHWIRE_NODE_ID",

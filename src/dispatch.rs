@@ -322,10 +322,6 @@ impl Delivery {
         &self.loops
     }
 
-    pub fn sessions(&self) -> &Sessions {
-        &self.sessions
-    }
-
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }

@@ -333,6 +333,7 @@ fn history_cmd(prefix: &str, user: &str, since: &ClientId, limit: Limit) -> redi
 }
 
 /// One recovery read.
+#[cfg(test)]
 pub fn read_history<C: ConnectionLike>(
     conn: &mut C,
     prefix: &str,

@@ -7,23 +7,23 @@
 //! blocks until the process should exit; `main` only maps its result to an
 //! exit status.
 
-pub mod admin;
+mod admin;
 pub mod auth;
 pub mod config;
-pub mod connection;
-pub mod dispatch;
-pub mod history;
-pub mod http;
-pub mod metrics;
-pub mod notice;
+mod connection;
+mod dispatch;
+mod history;
+mod http;
+mod metrics;
+mod notice;
 #[cfg(test)]
 mod props;
-pub mod replay;
-pub mod sdnotify;
-pub mod server;
-pub mod sessions;
-pub mod status;
-pub mod subscriber;
+mod replay;
+mod sdnotify;
+mod server;
+mod sessions;
+mod status;
+mod subscriber;
 
 use std::io;
 use std::net::SocketAddr;
@@ -70,6 +70,7 @@ pub struct Server {
     threads: Vec<JoinHandle<()>>,
     subscriber: Option<JoinHandle<()>>,
     replayer_stop: Arc<std::sync::atomic::AtomicBool>,
+    replayer: Option<Arc<replay::Replayer>>,
 }
 
 impl Server {
@@ -98,6 +99,11 @@ impl Server {
         }
         if let Some(s) = self.subscriber.take() {
             let _ = s.join();
+        }
+        // The loops (and their handles on it) are gone; the admin listener
+        // may still hold one, then the thread ends on its own.
+        if let Some(r) = self.replayer.take().and_then(|r| Arc::try_unwrap(r).ok()) {
+            r.join();
         }
     }
 
@@ -195,7 +201,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         status: status.clone(),
         config: config.clone(),
         durable: durable.clone(),
-        replayer,
+        replayer: replayer.clone(),
     };
     let mut listener = Some((listener, loops.clone()));
     let mut threads = Vec::new();
@@ -233,6 +239,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
             metrics: metrics.clone(),
             sessions: sessions.clone(),
             admin_token: admin_token.clone(),
+            replayer: replayer.clone(),
         };
         admin::start(admin, a).map_err(|e| StartError::Io("admin listener", e))?;
     }
@@ -260,6 +267,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         threads,
         subscriber,
         replayer_stop,
+        replayer,
     })
 }
 

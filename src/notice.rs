@@ -3,9 +3,25 @@
 //! the WebSocket frame is built once too (server frames are unmasked, so
 //! every recipient gets the very same bytes) and shared by reference count.
 
+use std::borrow::Cow;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
+
+/// A user id as JSON gives it: a string as it is, an integer in decimal,
+/// so `42` and `"42"` are the same user. Notices and the JWT `sub` both
+/// go through here; length limits are the caller's.
+pub fn canonical_user(v: &serde_json::Value) -> Option<Cow<'_, str>> {
+    match v {
+        serde_json::Value::String(s) => Some(Cow::Borrowed(s)),
+        serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => Some(Cow::Owned(n.to_string())),
+        _ => None,
+    }
+}
+
+/// Longest user id accepted from any source; longer ones are refused.
+pub const MAX_USER_ID_LEN: usize = 256;
 
 /// Notices larger than this are dropped (SPEC section 3).
 pub const MAX_NOTICE_BYTES: usize = 1 << 20;
@@ -76,10 +92,10 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
 
 /// A user id from a notice: strings as they are, integers in decimal, so
 /// `42` and `"42"` name the same user.
-/// The JWT `sub` goes through the same [`crate::auth::canonical_user`].
+/// The JWT `sub` goes through the same [`canonical_user`].
 fn user_id(v: &Value) -> Option<Box<str>> {
-    crate::auth::canonical_user(v)
-        .filter(|s| !s.is_empty() && s.len() <= crate::auth::MAX_USER_ID_LEN)
+    canonical_user(v)
+        .filter(|s| !s.is_empty() && s.len() <= MAX_USER_ID_LEN)
         .map(|s| s.into())
 }
 

@@ -48,10 +48,6 @@ impl Durable {
         }
     }
 
-    pub fn is_recovering(&self) -> bool {
-        self.held.is_some()
-    }
-
     /// Where a recovery starts: the last id sent (`None`: nowhere known).
     /// Live notices are held from now on.
     pub fn begin_recovery(&mut self) -> Option<ClientId> {

@@ -196,14 +196,6 @@ impl Conn {
         }
     }
 
-    pub fn has_output(&self) -> bool {
-        match &self.phase {
-            Phase::Handshake { io, .. } | Phase::Closing { io, .. } => !io.out.is_empty(),
-            Phase::Open(o) => !o.ws.get_ref().out.is_empty(),
-            Phase::Done => false,
-        }
-    }
-
     /// Reads what the socket has, as the phase reads it.
     pub fn read(&mut self, now: Instant) -> Step {
         match &mut self.phase {
