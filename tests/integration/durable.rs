@@ -158,3 +158,49 @@ fn standalone_since_clients_get_wrapped_notices_and_cannot_recover() {
         serde_json::json!({"recovered": false})
     );
 }
+
+#[test]
+fn a_redis_restart_with_persistence_loses_nothing_durable() {
+    let _w = watchdog(60);
+    let dir = TempDir::new("redis-aof");
+    let dir_arg = dir.path().display().to_string();
+    let mut redis = Redis::start_with(&[
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--dir",
+        &dir_arg,
+    ]);
+    let node = Node::with_redis(&redis, &[]);
+    let mut stays = connect_since(&node, "42", "");
+    let mut away = connect_since(&node, "7", "");
+    let n1 = r#"{"userIds":["42","7"],"text":"before"}"#;
+    let id1 = fcall(&redis, n1).expect("FCALL");
+    assert_eq!(envelope(&mut stays), (Some(id1.clone()), n1.to_string()));
+    assert_eq!(envelope(&mut away), (Some(id1.clone()), n1.to_string()));
+    drop(away);
+    let n2 = r#"{"userId":"7","text":"missed"}"#;
+    let id2 = fcall(&redis, n2).expect("FCALL");
+
+    // SIGKILL, then the same data back from the append-only file.
+    redis.restart();
+    assert!(node.wait_ready(Duration::from_secs(15)), "ready after the restart");
+    // The connection that stayed is recovered from its last id: nothing
+    // was missed, and it is told so instead of a resync notice.
+    assert_eq!(
+        json(&stays.recv_text(T).expect("status")),
+        serde_json::json!({"recovered": true, "replayed": 0})
+    );
+    let n3 = r#"{"userIds":["42","7"],"text":"after"}"#;
+    let id3 = fcall(&redis, n3).expect("FCALL after the restart");
+    assert_eq!(envelope(&mut stays), (Some(id3.clone()), n3.to_string()));
+    // The one that was away gets what it missed across the restart.
+    let mut back = connect_since(&node, "7", &id1);
+    assert_eq!(envelope(&mut back), (Some(id2), n2.to_string()));
+    assert_eq!(envelope(&mut back), (Some(id3), n3.to_string()));
+    assert_eq!(
+        json(&back.recv_text(T).expect("status")),
+        serde_json::json!({"recovered": true, "replayed": 2})
+    );
+}
