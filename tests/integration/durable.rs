@@ -185,7 +185,10 @@ fn a_redis_restart_with_persistence_loses_nothing_durable() {
 
     // SIGKILL, then the same data back from the append-only file.
     redis.restart();
-    assert!(node.wait_ready(Duration::from_secs(15)), "ready after the restart");
+    assert!(
+        node.wait_ready(Duration::from_secs(15)),
+        "ready after the restart"
+    );
     // The connection that stayed is recovered from its last id: nothing
     // was missed, and it is told so instead of a resync notice.
     assert_eq!(
