@@ -16,6 +16,7 @@ pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod notice;
+pub mod presence;
 #[cfg(test)]
 mod props;
 pub mod replay;
