@@ -51,7 +51,6 @@ pub struct Config {
     pub workers: usize,
     pub log_level: log::LevelFilter,
     pub dev: bool,
-    // Checked and kept for SPEC sections 8 and 9; nothing reads them yet.
     /// Durable notices kept per user; 0: no history.
     pub history_size: usize,
     pub history_ttl: Duration,
@@ -693,7 +692,7 @@ const OPTIONS: &[Opt] = &[
             Ok(())
         },
     )),
-    reserved(opt(
+    opt(
         "node-id",
         "PUSHWIRE_NODE_ID",
         "ID",
@@ -707,8 +706,8 @@ const OPTIONS: &[Opt] = &[
             c.node_id = v.to_string();
             Ok(())
         },
-    )),
-    reserved(opt(
+    ),
+    opt(
         "events-channel",
         "PUSHWIRE_EVENTS_CHANNEL",
         "NAME|off",
@@ -721,8 +720,8 @@ const OPTIONS: &[Opt] = &[
             };
             Ok(())
         },
-    )),
-    reserved(opt(
+    ),
+    opt(
         "offline-grace",
         "PUSHWIRE_OFFLINE_GRACE",
         "SECS",
@@ -732,8 +731,8 @@ const OPTIONS: &[Opt] = &[
             c.offline_grace = secs(v, 0.0, 3_600.0)?;
             Ok(())
         },
-    )),
-    reserved(opt(
+    ),
+    opt(
         "max-connections-per-user",
         "PUSHWIRE_MAX_CONNECTIONS_PER_USER",
         "N",
@@ -743,7 +742,7 @@ const OPTIONS: &[Opt] = &[
             c.max_connections_per_user = num(v, 0, 1_000_000)?;
             Ok(())
         },
-    )),
+    ),
 ];
 
 fn addr(v: &str) -> Result<SocketAddr, Bad> {

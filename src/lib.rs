@@ -71,6 +71,10 @@ pub struct Server {
     threads: Vec<JoinHandle<()>>,
     subscriber: Option<JoinHandle<()>>,
     replayer_stop: Arc<std::sync::atomic::AtomicBool>,
+    presence: Option<JoinHandle<()>>,
+    /// Tells the presence thread that the loops are done: write the last
+    /// state and leave.
+    presence_stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Server {
@@ -97,6 +101,10 @@ impl Server {
         for l in self.threads.drain(..) {
             let _ = l.join();
         }
+        self.presence_stop.store(true, Ordering::Release);
+        if let Some(p) = self.presence.take() {
+            let _ = p.join();
+        }
         if let Some(s) = self.subscriber.take() {
             let _ = s.join();
         }
@@ -109,7 +117,7 @@ impl Server {
 
 /// Binds the listeners and starts every thread: the one place that wires
 /// the parts together.
-pub fn start(config: Config) -> Result<Server, StartError> {
+pub fn start(mut config: Config) -> Result<Server, StartError> {
     let listener = match sdnotify::activated_listener() {
         Some(l) => {
             log::info!("using the listening socket passed by systemd (socket activation)");
@@ -121,6 +129,11 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     let ws_addr = listener
         .local_addr()
         .map_err(|e| StartError::Io("listener address", e))?;
+    if config.listen.port() == 0 && config.node_id.ends_with(":0") {
+        // The default node id names the port: the one bound, not 0.
+        let host = &config.node_id[..config.node_id.len() - 2];
+        config.node_id = format!("{host}:{}", ws_addr.port());
+    }
     let admin = match config.admin_listen {
         Some(addr) => Some(
             std::net::TcpListener::bind(addr)
@@ -182,6 +195,22 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         }
         _ => None,
     };
+    let presence_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (presence, presence_thread) = match &config.redis {
+        Some(target) => {
+            let (handle, rx) = presence::Presence::new();
+            let p = presence::Ctx {
+                config: config.clone(),
+                sessions: sessions.clone(),
+                metrics: metrics.clone(),
+                stop: presence_stop.clone(),
+            };
+            let t = presence::spawn(target.client(), handle.clone(), rx, p)
+                .map_err(|e| StartError::Io("spawn", e))?;
+            (Some(handle), Some(t))
+        }
+        None => (None, None),
+    };
     let delivery = Delivery::new(
         loops.clone(),
         sessions.clone(),
@@ -197,6 +226,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         config: config.clone(),
         durable: durable.clone(),
         replayer,
+        presence,
     };
     let mut listener = Some((listener, loops.clone()));
     let mut threads = Vec::new();
@@ -238,11 +268,12 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         admin::start(admin, a).map_err(|e| StartError::Io("admin listener", e))?;
     }
     log::info!(
-        "pushwire {} listening ws={} admin={} workers={} redis={}",
+        "pushwire {} listening ws={} admin={} workers={} node={} redis={}",
         env!("CARGO_PKG_VERSION"),
         ws_addr,
         admin_addr.map_or("off".to_string(), |a| a.to_string()),
         config.workers,
+        config.node_id,
         config
             .redis
             .as_ref()
@@ -261,6 +292,8 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         threads,
         subscriber,
         replayer_stop,
+        presence: presence_thread,
+        presence_stop,
     })
 }
 

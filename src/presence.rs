@@ -407,7 +407,9 @@ impl Writer {
             .presence_errors
             .fetch_add(1, Ordering::Relaxed);
         if std::mem::take(&mut self.was_up) {
-            log::warn!("presence: Redis lost ({why}); the node rewrites its presence once it is back");
+            log::warn!(
+                "presence: Redis lost ({why}); the node rewrites its presence once it is back"
+            );
         } else {
             log::debug!("presence: {why}");
         }
@@ -450,7 +452,9 @@ impl Writer {
         let pairs: Vec<(&str, usize)> = users
             .iter()
             .zip(counts)
-            .filter(|(u, n)| mode != Mode::Delta || self.sent.get(&***u).copied().unwrap_or(0) != *n)
+            .filter(|(u, n)| {
+                mode != Mode::Delta || self.sent.get(&***u).copied().unwrap_or(0) != *n
+            })
             .map(|(u, n)| (&**u, n))
             .collect();
         let node = Node {
@@ -597,7 +601,8 @@ mod tests {
         let mut sub = r.client().get_connection().unwrap();
         let mut ps = sub.as_pubsub();
         ps.subscribe("ev").unwrap();
-        ps.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        ps.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
         let (a, b) = (node("a", "ev"), node("b", "ev"));
         let o = update(&mut c, &a, Mode::Delta, &[("42", 1)]).unwrap();
         assert_eq!(o[0].online, 1);
@@ -678,12 +683,19 @@ mod tests {
             ask(&mut c, None),
             r#"{"users":0,"connections":0,"nodes":1}"#
         );
-        let keys: Vec<String> = redis::cmd("KEYS").arg("pushwire:presence:*").query(&mut c).unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("pushwire:presence:*")
+            .query(&mut c)
+            .unwrap();
         let mut keys = keys;
         keys.sort();
         assert_eq!(
             keys,
-            vec!["pushwire:presence:fresh", "pushwire:presence:nodes", "pushwire:presence:stats"]
+            vec![
+                "pushwire:presence:fresh",
+                "pushwire:presence:nodes",
+                "pushwire:presence:stats"
+            ]
         );
     }
 }
