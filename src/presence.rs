@@ -142,11 +142,54 @@ pub fn ensure_loaded<C: ConnectionLike>(conn: &mut C, c: &Config) -> RedisResult
         .query::<i64>(conn)
     {
         Ok(v) if v >= history::LIBRARY_VERSION => Ok(()),
-        Ok(_) => history::ensure_library(conn, &c.key_prefix, 1, ttl).map(|_| ()),
+        // An older library without presence (a rolling upgrade): replace it
+        // with ours, keeping the history settings the fleet loaded it with.
+        Ok(_) => {
+            let (size, ttl) = loaded_settings(conn, &c.key_prefix).unwrap_or((1, ttl));
+            history::ensure_library(conn, &c.key_prefix, size, ttl).map(|_| ())
+        }
         Err(e) if history::is_missing_function(&e) => {
             history::ensure_library(conn, &c.key_prefix, 1, ttl).map(|_| ())
         }
         Err(e) => Err(e),
+    }
+}
+
+/// `SIZE` and `TTL_MS` (as seconds) of the library Redis holds.
+fn loaded_settings<C: ConnectionLike>(conn: &mut C, prefix: &str) -> Option<(usize, u64)> {
+    let v: Value = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .arg("LIBRARYNAME")
+        .arg(prefix)
+        .arg("WITHCODE")
+        .query(conn)
+        .ok()?;
+    let code = library_code(&v)?;
+    let num = |name: &str| -> Option<u64> {
+        let rest = &code[code.find(&format!("\nlocal {name} = "))? + name.len() + 10..];
+        rest.split('\n').next()?.trim().parse().ok()
+    };
+    Some((num("SIZE")? as usize, (num("TTL_MS")? / 1000).max(1)))
+}
+
+fn library_code(v: &Value) -> Option<String> {
+    match v {
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                if let Value::BulkString(b) = item {
+                    if b == b"library_code" {
+                        if let Some(Value::BulkString(code)) = items.get(i + 1) {
+                            return String::from_utf8(code.clone()).ok();
+                        }
+                    }
+                }
+                if let Some(code) = library_code(item) {
+                    return Some(code);
+                }
+            }
+            None
+        }
+        _ => None,
     }
 }
 
@@ -657,6 +700,34 @@ mod tests {
         std::thread::sleep(Duration::from_millis(300));
         let o = update(&mut c, &a, Mode::Delta, &[]).unwrap()[0];
         assert_eq!((o.online, o.offline), (0, 0));
+    }
+
+    #[test]
+    fn presence_history_off_node_keeps_the_fleets_history_settings() {
+        let r = TestRedis::start();
+        let mut c = r.conn();
+        let old = history::library_source("pushwire", 77, 600).replace(
+            &format!("local VERSION = {}\n", history::LIBRARY_VERSION),
+            "local VERSION = 1\n",
+        );
+        redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg(old)
+            .query::<String>(&mut c)
+            .unwrap();
+        assert_eq!(loaded_settings(&mut c, "pushwire"), Some((77, 600)));
+        let cfg = Config {
+            history_size: 0,
+            ..Config::default()
+        };
+        ensure_loaded(&mut c, &cfg).unwrap();
+        assert_eq!(loaded_settings(&mut c, "pushwire"), Some((77, 600)));
+        let v: i64 = redis::cmd("FCALL_RO")
+            .arg("pushwire_version")
+            .arg(0)
+            .query(&mut c)
+            .unwrap();
+        assert_eq!(v, history::LIBRARY_VERSION);
     }
 
     #[test]

@@ -394,3 +394,42 @@ fn presence_me_answers_only_for_the_callers_own_user() {
     assert_eq!(me("?user=42").0, 401);
     assert_eq!(me(&format!("?token={}x", token("42", None))).0, 401);
 }
+
+#[test]
+fn presence_a_node_that_stops_leaves_at_once() {
+    let _w = watchdog(60);
+    let redis = Redis::start();
+    let a = Node::with_redis(&redis, &[]);
+    // Its heartbeat would keep it counted for 15 s.
+    let mut b = Node::with_redis(
+        &redis,
+        &["--canary-interval", "5", "--shutdown-timeout", "2"],
+    );
+    let _on_a = a.connect("stay");
+    let _on_b = b.connect("go");
+    wait_everywhere(&[&a, &b], &redis, "", &totals(2, 2, 2), T);
+    b.signal(libc::SIGTERM);
+    let stopped = Instant::now();
+    // Its connections stop counting as the drain closes them...
+    wait_everywhere(
+        &[&a],
+        &redis,
+        "?user=go",
+        &user_answer("go", 0, 0),
+        Duration::from_secs(1),
+    );
+    // ...and the node itself as it exits, not 15 s later.
+    assert!(b.wait_exit(Duration::from_secs(5)).is_some());
+    wait_everywhere(
+        &[&a],
+        &redis,
+        "",
+        &totals(1, 1, 1),
+        Duration::from_millis(500),
+    );
+    assert!(
+        stopped.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        stopped.elapsed()
+    );
+}
