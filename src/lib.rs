@@ -2,7 +2,8 @@
 //!
 //! [`start`] is the one place that wires the parts together: it binds the
 //! listeners, starts `--workers` mio loops (`server`), the Redis subscriber
-//! thread (`subscriber`) and the admin listener (`admin`), and returns a
+//! thread (`subscriber`), the presence writer (`presence`, with Redis) and
+//! the admin listener (`admin`), and returns a
 //! [`Server`] handle. [`run`] adds signals and systemd notification and
 //! blocks until the process should exit; `main` only maps its result to an
 //! exit status.

@@ -769,4 +769,68 @@ mod tests {
             ]
         );
     }
+
+    /// The figures of the README: Redis memory per online user, and the
+    /// latency of the per-user read with many users.
+    /// `cargo test --release --lib presence_figures -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn presence_figures() {
+        let r = TestRedis::start();
+        let mut c = conn(&r);
+        let used = |c: &mut redis::Connection| -> i64 {
+            let info: String = redis::cmd("INFO").arg("memory").query(c).unwrap();
+            info.lines()
+                .find_map(|l| l.strip_prefix("used_memory:"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let before = used(&mut c);
+        const USERS: usize = 100_000;
+        let ids = ["node-a:8080", "node-b:8080", "node-c:8080"];
+        let names: Vec<String> = (0..USERS).map(|i| format!("user-{i}")).collect();
+        for (k, id) in ids.iter().enumerate() {
+            // Each user on one node; every tenth on a second one too.
+            let pairs: Vec<(&str, usize)> = names
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % 3 == k || (i % 10 == 0 && (i + 1) % 3 == k))
+                .map(|(_, u)| (u.as_str(), 1))
+                .collect();
+            let n = Node {
+                prefix: "pushwire",
+                id,
+                ttl: Duration::from_secs(60),
+                grace: Duration::from_secs(5),
+                events: "",
+            };
+            update(&mut c, &n, Mode::Rewrite, &pairs).unwrap();
+        }
+        let after = used(&mut c);
+        println!(
+            "presence memory: {} bytes per online user ({USERS} users, 3 nodes, 10% on two)",
+            (after - before) / USERS as i64
+        );
+        let mut lat = Vec::new();
+        for i in 0..20_000 {
+            let u = &names[(i * 7919) % USERS];
+            let t = Instant::now();
+            read(&mut c, "pushwire", Some(u)).unwrap();
+            lat.push(t.elapsed());
+        }
+        lat.sort();
+        let t = Instant::now();
+        for _ in 0..1000 {
+            read(&mut c, "pushwire", None).unwrap();
+        }
+        println!(
+            "FCALL_RO presence (user) over loopback: p50 {:?} p99 {:?} p99.9 {:?}; totals: {:?} each",
+            lat[lat.len() / 2],
+            lat[lat.len() * 99 / 100],
+            lat[lat.len() * 999 / 1000],
+            t.elapsed() / 1000
+        );
+    }
 }
