@@ -1,6 +1,6 @@
 //! The admin listener: plain HTTP/1.1 on its own port (default
 //! 127.0.0.1:9090), away from the loops' hot path. `/healthz`, `/readyz`,
-//! `/metrics` and `POST /publish`. One short-lived thread per request, at
+//! `/metrics`, `POST /publish` and `GET /presence`. One short-lived thread per request, at
 //! most [`MAX_CONCURRENT`] at once, each with a deadline for the whole
 //! request, so a slow client cannot hold the health checks or a publish
 //! slot hostage.
@@ -23,6 +23,7 @@ use crate::history;
 use crate::http::reason_phrase;
 use crate::metrics::Metrics;
 use crate::notice::{self, NoticeError, MAX_NOTICE_BYTES};
+use crate::presence;
 use crate::sessions::Sessions;
 use crate::status::Status;
 
@@ -207,7 +208,7 @@ impl Admin {
         s.set_write_timeout(Some(IO_TIMEOUT))?;
         let mut buf = Vec::with_capacity(1024);
         let mut chunk = [0u8; 4096];
-        let (method, path, body_len, head_len, bearer) = loop {
+        let (method, path, query, body_len, head_len, bearer) = loop {
             let n = match read_by(&mut s, &mut chunk, deadline) {
                 Ok(0) => return Ok(()),
                 Ok(n) => n,
@@ -246,14 +247,15 @@ impl Admin {
                         .flatten()
                         .and_then(auth::bearer)
                         .map(str::to_string);
+                    let (path, query) = req
+                        .path
+                        .unwrap_or("")
+                        .split_once('?')
+                        .unwrap_or((req.path.unwrap_or(""), ""));
                     break (
                         req.method.unwrap_or("").to_string(),
-                        req.path
-                            .unwrap_or("")
-                            .split('?')
-                            .next()
-                            .unwrap_or("")
-                            .to_string(),
+                        path.to_string(),
+                        query.to_string(),
                         cl,
                         len,
                         bearer,
@@ -354,7 +356,11 @@ impl Admin {
                 let (status, answer) = self.publish(&body);
                 respond(&mut s, status, "application/json", &answer)
             }
-            (_, "/healthz" | "/readyz" | "/metrics" | "/publish") => {
+            ("GET", "/presence") => {
+                let (status, answer) = self.presence(&query);
+                respond(&mut s, status, "application/json", &answer)
+            }
+            (_, "/healthz" | "/readyz" | "/metrics" | "/publish" | "/presence") => {
                 respond(&mut s, 405, "text/plain", b"method not allowed\n")
             }
             _ => respond(&mut s, 404, "text/plain", b"not found\n"),
@@ -457,6 +463,63 @@ impl Admin {
                             "redis failed, the notice may not have been sent: {e}"
                         )),
                     );
+                }
+            }
+        }
+        (503, json_error("redis unavailable"))
+    }
+
+    /// `GET /presence[?user=ID]` (SPEC section 9): the fleet's answer from
+    /// Redis, or this node's standalone. Bad input is a 400 with the
+    /// reason; Redis unreachable a 503; never a 500.
+    fn presence(&self, query: &str) -> (u16, Vec<u8>) {
+        let shared = &self.shared;
+        let given = query
+            .split('&')
+            .any(|p| p.split_once('=').map_or(p, |(k, _)| k) == "user");
+        let user = match auth::query_param(query, "user") {
+            None if given => return (400, json_error("user is not valid percent-encoded UTF-8")),
+            None => None,
+            Some(u) if u.is_empty() || u.len() > auth::MAX_USER_ID_LEN => {
+                let e = format!("a user id is 1 to {} bytes", auth::MAX_USER_ID_LEN);
+                return (400, json_error(&e));
+            }
+            Some(u) => Some(u),
+        };
+        let Some(client) = &self.redis else {
+            let answer = match &user {
+                Some(u) => presence::local_user(&shared.sessions, u),
+                None => presence::local_totals(&shared.sessions, &shared.metrics),
+            };
+            return (200, (answer + "\n").into_bytes());
+        };
+        for attempt in 0..2 {
+            let (mut conn, pooled) = match self.take_conn(client) {
+                Ok(c) => c,
+                Err(e) => return (503, json_error(&format!("redis unavailable: {e}"))),
+            };
+            let prefix = &shared.config.key_prefix;
+            let mut r = presence::read(&mut conn, prefix, user.as_deref());
+            if let Err(presence::ReadError::NoLibrary) = r {
+                r = match presence::ensure_loaded(&mut conn, &shared.config) {
+                    Ok(()) => presence::read(&mut conn, prefix, user.as_deref()),
+                    Err(e) => Err(presence::ReadError::Redis(e)),
+                };
+            }
+            match r {
+                Ok(answer) => {
+                    self.put_back(conn);
+                    return (200, (answer + "\n").into_bytes());
+                }
+                // A read: safe to try once more on a new connection.
+                Err(presence::ReadError::Redis(e)) if pooled && attempt == 0 => {
+                    log::debug!("admin presence: {e}; trying a new connection");
+                }
+                Err(presence::ReadError::Redis(e)) => {
+                    return (503, json_error(&format!("redis failed: {e}")))
+                }
+                Err(presence::ReadError::NoLibrary) => {
+                    return (503, json_error("the function library cannot be loaded"))
                 }
             }
         }

@@ -51,7 +51,6 @@ pub struct Config {
     pub workers: usize,
     pub log_level: log::LevelFilter,
     pub dev: bool,
-    // Checked and kept for SPEC sections 8 and 9; nothing reads them yet.
     /// Durable notices kept per user; 0: no history.
     pub history_size: usize,
     pub history_ttl: Duration,
@@ -252,13 +251,6 @@ enum Preset {
     Computed(&'static str),
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Group {
-    Main,
-    /// Parsed and checked for features still to come.
-    Reserved,
-}
-
 /// One option, written once.
 struct Opt {
     /// The flag without its dashes.
@@ -271,7 +263,6 @@ struct Opt {
     /// The value is secret (a key, or a URL that may hold a password):
     /// an error line never repeats it.
     secret: bool,
-    group: Group,
     set: Setter,
 }
 
@@ -307,7 +298,6 @@ const fn opt(
         default,
         help,
         secret: false,
-        group: Group::Main,
         set,
     }
 }
@@ -325,20 +315,12 @@ const fn switch(
         default: Preset::Text("false"),
         help,
         secret: false,
-        group: Group::Main,
         set,
     }
 }
 
 const fn secret(o: Opt) -> Opt {
     Opt { secret: true, ..o }
-}
-
-const fn reserved(o: Opt) -> Opt {
-    Opt {
-        group: Group::Reserved,
-        ..o
-    }
 }
 
 use Preset::{Computed, Dev, Text, Unset};
@@ -693,7 +675,7 @@ const OPTIONS: &[Opt] = &[
             Ok(())
         },
     ),
-    reserved(opt(
+    opt(
         "node-id",
         "PUSHWIRE_NODE_ID",
         "ID",
@@ -707,8 +689,8 @@ const OPTIONS: &[Opt] = &[
             c.node_id = v.to_string();
             Ok(())
         },
-    )),
-    reserved(opt(
+    ),
+    opt(
         "events-channel",
         "PUSHWIRE_EVENTS_CHANNEL",
         "NAME|off",
@@ -721,8 +703,8 @@ const OPTIONS: &[Opt] = &[
             };
             Ok(())
         },
-    )),
-    reserved(opt(
+    ),
+    opt(
         "offline-grace",
         "PUSHWIRE_OFFLINE_GRACE",
         "SECS",
@@ -732,8 +714,8 @@ const OPTIONS: &[Opt] = &[
             c.offline_grace = secs(v, 0.0, 3_600.0)?;
             Ok(())
         },
-    )),
-    reserved(opt(
+    ),
+    opt(
         "max-connections-per-user",
         "PUSHWIRE_MAX_CONNECTIONS_PER_USER",
         "N",
@@ -743,7 +725,7 @@ const OPTIONS: &[Opt] = &[
             c.max_connections_per_user = num(v, 0, 1_000_000)?;
             Ok(())
         },
-    )),
+    ),
 ];
 
 fn addr(v: &str) -> Result<SocketAddr, Bad> {
@@ -1001,11 +983,7 @@ JWT claims: sub is the user (string or integer); exp, nbf honoured (30 s).
 
 ",
     );
-    for o in OPTIONS.iter().filter(|o| o.group == Group::Main) {
-        help_entry(&mut out, o);
-    }
-    out.push_str("\nChecked at start and kept for features still to come (no effect yet):\n\n");
-    for o in OPTIONS.iter().filter(|o| o.group == Group::Reserved) {
+    for o in OPTIONS {
         help_entry(&mut out, o);
     }
     out.push_str("\n  -h, --help                    this text\n");

@@ -17,9 +17,17 @@
 --        no bound), is "missed" too.
 --   FCALL_RO __PREFIX___version 0
 --     -> VERSION (integer)
+--   FCALL    __PREFIX___presence_update 0 <node> <ttl_ms> <grace_ms> <events channel or "">
+--              <"delta"|"rewrite"|"leave"> [<userId> <count>]...
+--     -> {live, online events, offline events, more}; see "presence" below.
+--   FCALL_RO __PREFIX___presence 0 [<userId>]
+--     -> '{"userId":"42","connections":3,"nodes":2}' for a user, or
+--        '{"users":U,"connections":C,"nodes":N}' for the fleet (SPEC 9).
 --
 -- Keys: __PREFIX__:epoch, __PREFIX__:last, __PREFIX__:history:<userId>,
--- __PREFIX__:broadcast; channel __PREFIX__:notices. The keys are not
+-- __PREFIX__:broadcast; channel __PREFIX__:notices; presence:
+-- __PREFIX__:presence:{nodes,conns,stats,leaving,fresh},
+-- __PREFIX__:presence:node:<node>, __PREFIX__:presence:user:<userId>. The keys are not
 -- declared (numkeys 0), so this library is for standalone/Sentinel Redis,
 -- not Redis Cluster.
 --
@@ -29,7 +37,7 @@
 -- trims (only XDEL does), so publish raises it itself (XSETID MAXDELETEDID)
 -- when a stream is created and whenever a trim removed entries.
 
-local VERSION = 1
+local VERSION = 2
 local PREFIX = '__PREFIX__'
 local SIZE = __HISTORY_SIZE__
 local TTL_MS = __HISTORY_TTL_MS__
@@ -513,6 +521,216 @@ local function history(keys, args)
   return out
 end
 
+-- ------------------------------------------------------------ presence
+--
+-- Each node writes the *absolute* number of connections each of its users
+-- holds on it (never a delta), so a batch sent twice, or a rewrite racing
+-- a reaper, cannot count anything twice. Layout:
+--   presence:node:<node>  hash userId -> count     (what that node holds)
+--   presence:user:<user>  hash node -> count       (the O(1) per-user read)
+--   presence:nodes        zset node -> deadline ms (heartbeat: now + ttl)
+--   presence:conns        hash node -> connections of that node
+--   presence:stats        hash users -> users with a count anywhere
+--   presence:leaving      zset userId -> when its offline event is due
+--   presence:fresh        string, for a while after presence data was lost
+-- Invariant: presence:node:<n> holds exactly what is counted for n in the
+-- others, after every call, including a reap cut short by its budget.
+-- Reads count only nodes whose deadline has not passed, so a dead node
+-- drops out of every per-user answer at once; the next call of any
+-- surviving node then reaps it (subtracts what it held, in budgeted steps).
+
+local P_NODES = PREFIX .. ':presence:nodes'
+local P_CONNS = PREFIX .. ':presence:conns'
+local P_STATS = PREFIX .. ':presence:stats'
+local P_LEAVING = PREFIX .. ':presence:leaving'
+local P_FRESH = PREFIX .. ':presence:fresh'
+local P_NODE = PREFIX .. ':presence:node:'
+local P_USER = PREFIX .. ':presence:user:'
+-- Fields of dead nodes reaped per call, and offline events per call: a
+-- call stays short (Redis runs nothing else meanwhile); `more` says a
+-- node should call again at once.
+local REAP_BUDGET = 2000
+local OFFLINE_BUDGET = 500
+
+-- The same escaping as serde_json, so that the admin answer and this one
+-- are the same bytes.
+local function json_str(s)
+  local out = string.gsub(s, '[%z\1-\31"\\]', function(c)
+    if c == '"' then
+      return '\\"'
+    elseif c == '\\' then
+      return '\\\\'
+    elseif c == '\n' then
+      return '\\n'
+    elseif c == '\r' then
+      return '\\r'
+    elseif c == '\t' then
+      return '\\t'
+    elseif c == '\b' then
+      return '\\b'
+    elseif c == '\f' then
+      return '\\f'
+    end
+    return string.format('\\u%04x', string.byte(c))
+  end)
+  return '"' .. out .. '"'
+end
+
+local function event(channel, what, user)
+  redis.call('PUBLISH', channel, '{"event":"' .. what .. '","userId":' .. json_str(user) .. '}')
+end
+
+-- Sets node's count of user to count (>= 0) and keeps the aggregates.
+-- Returns 1 when the user came online for the fleet, -1 when it went to
+-- no connection anywhere, else 0.
+local function set_count(node, user, count, old)
+  if count == old then
+    return 0
+  end
+  local uk = P_USER .. user
+  local before = redis.call('EXISTS', uk)
+  if count > 0 then
+    redis.call('HSET', P_NODE .. node, user, count)
+    redis.call('HSET', uk, node, count)
+  else
+    redis.call('HDEL', P_NODE .. node, user)
+    redis.call('HDEL', uk, node)
+  end
+  if redis.call('HINCRBY', P_CONNS, node, count - old) <= 0 then
+    redis.call('HDEL', P_CONNS, node)
+  end
+  local after = redis.call('EXISTS', uk)
+  if before == 0 and after == 1 then
+    redis.call('HINCRBY', P_STATS, 'users', 1)
+    return 1
+  elseif before == 1 and after == 0 then
+    redis.call('HINCRBY', P_STATS, 'users', -1)
+    return -1
+  end
+  return 0
+end
+
+local function presence_update(keys, args)
+  local node, ttl, grace, channel, mode = args[1], tonumber(args[2] or ''), tonumber(args[3] or ''), args[4], args[5]
+  if #keys ~= 0 or #args < 5 or #args % 2 ~= 1 or node == '' or not ttl or ttl < 1 or not grace or grace < 0
+    or (mode ~= 'delta' and mode ~= 'rewrite' and mode ~= 'leave') then
+    return redis.error_reply('ERR usage: FCALL ' .. PREFIX .. '_presence_update 0 <node> <ttl_ms> <grace_ms> '
+      .. '<events channel or ""> <delta|rewrite|leave> [<userId> <count>]...')
+  end
+  local now = now_ms()
+  if redis.call('EXISTS', P_NODES) == 0 then
+    -- No node's presence at all: a first start, or Redis lost its data.
+    -- Every node is about to rewrite what it holds: those users were
+    -- online before, so the rewrites announce nobody for a while.
+    redis.call('SET', P_FRESH, '1', 'PX', fmt_num(math.max(3 * ttl, 10000)))
+  end
+  local quiet = mode == 'rewrite' and redis.call('EXISTS', P_FRESH) == 1
+  local deadline = tonumber(redis.call('ZSCORE', P_NODES, node) or '0')
+  local live = deadline >= now and 1 or 0
+  if mode == 'leave' then
+    -- Dead from now on: what it still holds is reaped like any dead
+    -- node's (below, when this call sent its zeros first).
+    redis.call('ZADD', P_NODES, fmt_num(now - 1), node)
+  else
+    redis.call('ZADD', P_NODES, fmt_num(now + ttl), node)
+  end
+  local online, offline, more = 0, 0, 0
+  local function went(user, t)
+    if t == 1 then
+      -- Back inside the grace: no offline, and no second online.
+      if redis.call('ZREM', P_LEAVING, user) == 0 and channel ~= '' and not quiet then
+        event(channel, 'online', user)
+        online = online + 1
+      end
+    elseif t == -1 and channel ~= '' then
+      redis.call('ZADD', P_LEAVING, fmt_num(now + grace), user)
+    end
+  end
+  for i = 6, #args, 2 do
+    local user, count = args[i], tonumber(args[i + 1])
+    if user == '' or #user > MAX_USER_ID_LEN or not count or count < 0 or count % 1 ~= 0 then
+      return redis.error_reply('ERR bad presence pair at argument ' .. i)
+    end
+    local old = tonumber(redis.call('HGET', P_NODE .. node, user) or '0')
+    went(user, set_count(node, user, count, old))
+  end
+  -- Reap the dead, within the budget.
+  local budget = REAP_BUDGET
+  for _, dead in ipairs(redis.call('ZRANGEBYSCORE', P_NODES, '-inf', '(' .. fmt_num(now), 'LIMIT', 0, 8)) do
+    if budget <= 0 then
+      more = 1
+      break
+    end
+    local nk = P_NODE .. dead
+    while budget > 0 do
+      local page = redis.call('HSCAN', nk, 0, 'COUNT', budget)[2]
+      if #page == 0 then
+        break
+      end
+      for j = 1, #page, 2 do
+        went(page[j], set_count(dead, page[j], 0, tonumber(page[j + 1])))
+      end
+      budget = budget - #page / 2
+    end
+    if redis.call('EXISTS', nk) == 0 then
+      redis.call('ZREM', P_NODES, dead)
+      redis.call('HDEL', P_CONNS, dead)
+    else
+      more = 1
+    end
+  end
+  if channel ~= '' then
+    local due = redis.call('ZRANGEBYSCORE', P_LEAVING, '-inf', fmt_num(now), 'LIMIT', 0, OFFLINE_BUDGET)
+    for _, user in ipairs(due) do
+      -- ZREM answers 1 to exactly one caller: the event goes out once.
+      if redis.call('ZREM', P_LEAVING, user) == 1 and redis.call('EXISTS', P_USER .. user) == 0 then
+        event(channel, 'offline', user)
+        offline = offline + 1
+      end
+    end
+    if #due == OFFLINE_BUDGET then
+      more = 1
+    end
+  end
+  return { live, online, offline, more }
+end
+
+local function presence(keys, args)
+  if #keys ~= 0 or #args > 1 then
+    return redis.error_reply('ERR usage: FCALL_RO ' .. PREFIX .. '_presence 0 [<userId>]')
+  end
+  local now = now_ms()
+  if #args == 1 then
+    local user = args[1]
+    if #user < 1 or #user > MAX_USER_ID_LEN then
+      return redis.error_reply('ERR a user id is 1 to ' .. MAX_USER_ID_LEN .. ' bytes')
+    end
+    local h = redis.call('HGETALL', P_USER .. user)
+    local conns, nodes = 0, 0
+    for i = 1, #h, 2 do
+      local d = redis.call('ZSCORE', P_NODES, h[i])
+      if d and tonumber(d) >= now then
+        conns = conns + tonumber(h[i + 1])
+        nodes = nodes + 1
+      end
+    end
+    return '{"userId":' .. json_str(user) .. ',"connections":' .. fmt_num(conns) .. ',"nodes":' .. fmt_num(nodes) .. '}'
+  end
+  local live = redis.call('ZRANGEBYSCORE', P_NODES, fmt_num(now), '+inf')
+  local conns = 0
+  if #live > 0 then
+    for _, c in ipairs(redis.call('HMGET', P_CONNS, unpack(live))) do
+      conns = conns + (tonumber(c) or 0)
+    end
+  end
+  local users = 0
+  if #live > 0 then
+    -- Exact once the dead are reaped (a surviving node's next call).
+    users = math.max(0, tonumber(redis.call('HGET', P_STATS, 'users') or '0'))
+  end
+  return '{"users":' .. fmt_num(users) .. ',"connections":' .. fmt_num(conns) .. ',"nodes":' .. fmt_num(#live) .. '}'
+end
+
 redis.register_function { function_name = PREFIX .. '_publish', callback = publish }
 redis.register_function {
   function_name = PREFIX .. '_history',
@@ -524,5 +742,11 @@ redis.register_function {
   callback = function()
     return VERSION
   end,
+  flags = { 'no-writes' },
+}
+redis.register_function { function_name = PREFIX .. '_presence_update', callback = presence_update }
+redis.register_function {
+  function_name = PREFIX .. '_presence',
+  callback = presence,
   flags = { 'no-writes' },
 }

@@ -16,7 +16,7 @@ use redis::{ConnectionLike, RedisError, RedisResult, Value};
 
 /// Must equal `VERSION` in `src/durable.lua` (a test checks it). Raise both
 /// whenever the library's behaviour or key layout changes.
-pub const LIBRARY_VERSION: i64 = 1;
+pub const LIBRARY_VERSION: i64 = 2;
 
 const TEMPLATE: &str = include_str!("durable.lua");
 

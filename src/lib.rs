@@ -2,7 +2,8 @@
 //!
 //! [`start`] is the one place that wires the parts together: it binds the
 //! listeners, starts `--workers` mio loops (`server`), the Redis subscriber
-//! thread (`subscriber`) and the admin listener (`admin`), and returns a
+//! thread (`subscriber`), the presence writer (`presence`, with Redis) and
+//! the admin listener (`admin`), and returns a
 //! [`Server`] handle. [`run`] adds signals and systemd notification and
 //! blocks until the process should exit; `main` only maps its result to an
 //! exit status.
@@ -16,6 +17,7 @@ mod history;
 mod http;
 mod metrics;
 mod notice;
+mod presence;
 #[cfg(test)]
 mod props;
 mod replay;
@@ -71,6 +73,10 @@ pub struct Server {
     subscriber: Option<JoinHandle<()>>,
     replayer_stop: Arc<std::sync::atomic::AtomicBool>,
     replayer: Option<Arc<replay::Replayer>>,
+    presence: Option<JoinHandle<()>>,
+    /// Tells the presence thread that the loops are done: write the last
+    /// state and leave.
+    presence_stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Server {
@@ -97,6 +103,10 @@ impl Server {
         for l in self.threads.drain(..) {
             let _ = l.join();
         }
+        self.presence_stop.store(true, Ordering::Release);
+        if let Some(p) = self.presence.take() {
+            let _ = p.join();
+        }
         if let Some(s) = self.subscriber.take() {
             let _ = s.join();
         }
@@ -114,7 +124,7 @@ impl Server {
 
 /// Binds the listeners and starts every thread: the one place that wires
 /// the parts together.
-pub fn start(config: Config) -> Result<Server, StartError> {
+pub fn start(mut config: Config) -> Result<Server, StartError> {
     let listener = match sdnotify::activated_listener() {
         Some(l) => {
             log::info!("using the listening socket passed by systemd (socket activation)");
@@ -126,6 +136,11 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     let ws_addr = listener
         .local_addr()
         .map_err(|e| StartError::Io("listener address", e))?;
+    if config.listen.port() == 0 && config.node_id.ends_with(":0") {
+        // The default node id names the port: the one bound, not 0.
+        let host = &config.node_id[..config.node_id.len() - 2];
+        config.node_id = format!("{host}:{}", ws_addr.port());
+    }
     let admin = match config.admin_listen {
         Some(addr) => Some(
             std::net::TcpListener::bind(addr)
@@ -187,6 +202,22 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         }
         _ => None,
     };
+    let presence_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (presence, presence_thread) = match &config.redis {
+        Some(target) => {
+            let (handle, rx) = presence::Presence::new();
+            let p = presence::Ctx {
+                config: config.clone(),
+                sessions: sessions.clone(),
+                metrics: metrics.clone(),
+                stop: presence_stop.clone(),
+            };
+            let t = presence::spawn(target.client(), handle.clone(), rx, p)
+                .map_err(|e| StartError::Io("spawn", e))?;
+            (Some(handle), Some(t))
+        }
+        None => (None, None),
+    };
     let delivery = Delivery::new(
         loops.clone(),
         sessions.clone(),
@@ -202,6 +233,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         config: config.clone(),
         durable: durable.clone(),
         replayer: replayer.clone(),
+        presence,
     };
     let mut listener = Some((listener, loops.clone()));
     let mut threads = Vec::new();
@@ -244,11 +276,12 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         admin::start(admin, a).map_err(|e| StartError::Io("admin listener", e))?;
     }
     log::info!(
-        "pushwire {} listening ws={} admin={} workers={} redis={}",
+        "pushwire {} listening ws={} admin={} workers={} node={} redis={}",
         env!("CARGO_PKG_VERSION"),
         ws_addr,
         admin_addr.map_or("off".to_string(), |a| a.to_string()),
         config.workers,
+        config.node_id,
         config
             .redis
             .as_ref()
@@ -268,6 +301,8 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         subscriber,
         replayer_stop,
         replayer,
+        presence: presence_thread,
+        presence_stop,
     })
 }
 

@@ -31,6 +31,11 @@ pub struct Metrics {
     pub recoveries_missed: AtomicU64,
     pub replayed_notices: AtomicU64,
     pub durable_published: AtomicU64,
+    /// Per-user counts written to Redis by the presence thread.
+    pub presence_updates: AtomicU64,
+    pub presence_errors: AtomicU64,
+    pub events_online: AtomicU64,
+    pub events_offline: AtomicU64,
 }
 
 impl Metrics {
@@ -164,6 +169,19 @@ impl Metrics {
             "Durable notices published through POST /publish.",
             self.durable_published.load(Relaxed),
         );
+        one(
+            "pushwire_presence_updates_total",
+            "counter",
+            "Per-user connection counts this node wrote to Redis (presence).",
+            self.presence_updates.load(Relaxed),
+        );
+        one(
+            "pushwire_presence_errors_total",
+            "counter",
+            "Presence writes to Redis that failed (the node rewrites its state after one).",
+            self.presence_errors.load(Relaxed),
+        );
+        let _ = writeln!(out, "# HELP pushwire_events_published_total Online/offline events this node published, by event.\n# TYPE pushwire_events_published_total counter\npushwire_events_published_total{{event=\"online\"}} {}\npushwire_events_published_total{{event=\"offline\"}} {}", self.events_online.load(Relaxed), self.events_offline.load(Relaxed));
         let _ = writeln!(out, "# HELP pushwire_recoveries_total Recoveries from history (since on the URL, or after a Redis loss), by result.\n# TYPE pushwire_recoveries_total counter\npushwire_recoveries_total{{result=\"recovered\"}} {}\npushwire_recoveries_total{{result=\"missed\"}} {}", self.recoveries_recovered.load(Relaxed), self.recoveries_missed.load(Relaxed));
         let _ = writeln!(out, "# HELP pushwire_handshake_rejected_total Upgrades refused, by reason.\n# TYPE pushwire_handshake_rejected_total counter");
         for reason in Reason::ALL {

@@ -53,6 +53,8 @@ const EVENTS_CAPACITY: usize = 1024;
 /// (125 bytes of payload, 6 of header) fits in one read. The measured
 /// effect on idle memory is in bench/results.md ("Tuning").
 const READ_BUFFER_BYTES: usize = 256;
+/// Where a client asks about its own user (the demo page).
+const PRESENCE_ME: &str = "/presence/me";
 /// Extra inbox drains before a pass's flush, while notices keep coming.
 const MAX_EXTRA_DRAINS: usize = 4;
 
@@ -67,6 +69,8 @@ pub struct LoopCtx {
     pub durable: Arc<DurableState>,
     /// Recovery reads (with Redis and history on).
     pub replayer: Option<Arc<Replayer>>,
+    /// Per-user counts to Redis (with Redis).
+    pub presence: Option<Arc<crate::presence::Presence>>,
 }
 
 pub struct Worker {
@@ -87,6 +91,8 @@ pub struct Worker {
     delivered: u64,
     /// Open connections of this loop that use `since`.
     durable_here: usize,
+    /// The upgrade's checks, at `/presence/me`.
+    me_policy: auth::AuthConfig,
 }
 
 /// A loop's poll and the two ends of its queues, made before any loop runs
@@ -120,6 +126,10 @@ impl Worker {
             .max_write_buffer_size(usize::MAX)
             .max_message_size(Some(c.max_message_bytes))
             .max_frame_size(Some(c.max_message_bytes));
+        let me_policy = auth::AuthConfig {
+            path: PRESENCE_ME.to_string(),
+            ..c.auth.clone()
+        };
         let tick = (c.ping_interval.min(c.handshake_timeout) / 4)
             .clamp(Duration::from_millis(50), Duration::from_millis(500));
         Ok(Worker {
@@ -137,6 +147,7 @@ impl Worker {
             draining_until: None,
             delivered: 0,
             durable_here: 0,
+            me_policy,
         })
     }
 
@@ -340,6 +351,9 @@ impl Worker {
             }
             return;
         }
+        if req.uri().path() == PRESENCE_ME {
+            return self.presence_me(slot, req, now);
+        }
         if req.uri().path() != ctx.config.auth.path {
             return self.refuse(slot, auth::NOT_FOUND, now);
         }
@@ -377,6 +391,20 @@ impl Worker {
             ctx.metrics.connections.fetch_sub(1, Ordering::Relaxed);
             return;
         };
+        let id = ConnId {
+            worker: self.id,
+            slot: slot as u32,
+            generation: conn.generation,
+        };
+        // Checked and taken in one step, before the 101: a storm of one
+        // user's upgrades over every loop gets at most the limit.
+        if !ctx
+            .sessions
+            .try_add(&identity.user, id, ctx.config.max_connections_per_user)
+        {
+            ctx.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+            return self.refuse(slot, auth::OVER_USER_LIMIT, now);
+        }
         let mut head = Vec::with_capacity(160);
         let _ = write_response(&mut head, &response);
         let user = identity.user.clone();
@@ -402,6 +430,7 @@ impl Worker {
             first_ping: skew,
         };
         if !conn.open(opening, now) {
+            ctx.sessions.remove(&user, id);
             ctx.metrics.connections.fetch_sub(1, Ordering::Relaxed);
             return;
         }
@@ -409,12 +438,9 @@ impl Worker {
             self.durable_here += 1;
             ctx.durable.connections.fetch_add(1, Ordering::Relaxed);
         }
-        let id = ConnId {
-            worker: self.id,
-            slot: slot as u32,
-            generation: conn.generation,
-        };
-        ctx.sessions.add(&user, id);
+        if let Some(p) = &ctx.presence {
+            p.changed(&user);
+        }
         if let Some(Some(since)) = since {
             // Registered for live notices first, then the read: the seam.
             self.request_recovery(slot, generation, user.clone().into(), Some(since));
@@ -483,7 +509,27 @@ impl Worker {
         self.ctx
             .sessions
             .remove(user, self.conn_id(slot, generation));
+        if let Some(p) = &self.ctx.presence {
+            p.changed(user);
+        }
         self.ctx.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// `GET /presence/me`, authenticated exactly as the upgrade (token,
+    /// header or `?user=`, origin): how many connections the caller's own
+    /// user holds on this node. It takes no user parameter but the
+    /// credentials, so it tells nobody anything about another user. Local,
+    /// so the loop never waits on Redis.
+    fn presence_me(&mut self, slot: usize, req: &Request, now: Instant) {
+        let key = self.ctx.keys.current();
+        let identity = match auth::check(req, &self.me_policy, &key, auth::unix_now()) {
+            Ok(id) => id,
+            Err(r) => return self.refuse(slot, r, now),
+        };
+        let body = crate::presence::local_user(&self.ctx.sessions, &identity.user) + "\n";
+        if let Some(conn) = self.conns.get_mut(slot) {
+            conn.answer(200, "application/json", body.as_bytes(), now);
+        }
     }
 
     fn remove(&mut self, slot: usize) {

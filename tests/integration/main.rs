@@ -14,6 +14,7 @@ mod handshake;
 mod hostile;
 mod lifecycle;
 mod notices;
+mod presence;
 mod push;
 mod redis_faults;
 mod slow;
