@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod notice;
 #[cfg(test)]
 mod props;
+pub mod redis_target;
 pub mod replay;
 pub mod sdnotify;
 pub mod server;
@@ -170,7 +171,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
                 bytes: config.max_queue_bytes,
             };
             let r = replay::Replayer::spawn(
-                target.client(),
+                target.clone(),
                 config.key_prefix.clone(),
                 limit,
                 replayer_stop.clone(),
