@@ -15,6 +15,7 @@ mod lifecycle;
 mod notices;
 mod push;
 mod redis_faults;
+mod sentinel;
 mod slow;
 mod startup;
 mod tokens;
