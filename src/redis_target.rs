@@ -676,7 +676,7 @@ pub fn describe(e: &redis::RedisError, tls: bool) -> String {
     {
         return format!("TLS handshake failed: {text}");
     }
-    if !tls && e.is_connection_dropped() {
+    if !tls && e.is_connection_dropped() && !e.is_connection_refusal() && !e.is_timeout() {
         return format!(
             "{text} (the server closed the connection at once: a TLS port needs rediss://)"
         );

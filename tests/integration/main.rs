@@ -18,5 +18,6 @@ mod redis_faults;
 mod sentinel;
 mod slow;
 mod startup;
+mod tls;
 mod tokens;
 mod toolkit;
