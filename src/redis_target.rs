@@ -86,12 +86,23 @@ struct Sentinels {
     master: RedisConnectionInfo,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Tls {
     on: bool,
     insecure: bool,
     #[cfg(feature = "tls")]
     certs: Option<redis::TlsCertificates>,
+}
+
+impl Tls {
+    fn new(on: bool, insecure: bool) -> Tls {
+        Tls {
+            on,
+            insecure,
+            #[cfg(feature = "tls")]
+            certs: None,
+        }
+    }
 }
 
 /// What the Redis users share at run time.
@@ -197,11 +208,7 @@ impl RedisTarget {
         if insecure && !tls_on {
             return Err("insecure=true is for rediss:// only".into());
         }
-        let tls = Tls {
-            on: tls_on,
-            insecure: insecure || spec_url.ends_with("#insecure"),
-            ..Tls::default()
-        };
+        let tls = Tls::new(tls_on, insecure || spec_url.ends_with("#insecure"));
         let (kind, shown) = if scheme.ends_with("+sentinel") {
             let s = parse_sentinel(spec_url, &mut pairs)?;
             let shown = shown_sentinel(scheme, &s, insecure);
