@@ -632,13 +632,25 @@ impl fmt::Debug for RedisTarget {
 
 /// Whether the server of `conn` still says it is the master: a master
 /// demoted under an open connection shows here.
-pub fn check_master(conn: &mut Connection) -> Result<(), String> {
+pub fn check_master(conn: &mut Connection) -> Result<(), RoleError> {
     match role(conn) {
         Ok(Role::Master) | Ok(Role::Unknown) => Ok(()),
-        Ok(Role::Replica) => Err("the server became a replica (ROLE slave)".into()),
-        Ok(Role::Other(r)) => Err(format!("the server is not a master (ROLE {r})")),
-        Err(e) => Err(format!("ROLE: {e}")),
+        Ok(Role::Replica) => Err(RoleError::NotMaster(
+            "the server became a replica (ROLE slave)".into(),
+        )),
+        Ok(Role::Other(r)) => Err(RoleError::NotMaster(format!(
+            "the server is not a master (ROLE {r})"
+        ))),
+        Err(e) => Err(RoleError::Unanswered(format!("ROLE: {e}"))),
     }
+}
+
+/// Why [`check_master`] failed.
+pub enum RoleError {
+    /// The server answered: it is not the master.
+    NotMaster(String),
+    /// No answer (a timeout, a closed link): the server may only be paused.
+    Unanswered(String),
 }
 
 enum Role {

@@ -38,7 +38,7 @@ use crate::dispatch::{Delivery, DurableId, Frames, Inbox};
 use crate::history;
 use crate::metrics::Metrics;
 use crate::notice;
-use crate::redis_target::{self, Master};
+use crate::redis_target::{self, Master, RoleError};
 use crate::status::Status;
 
 /// What the subscriber reads and where it delivers.
@@ -490,8 +490,14 @@ fn session(
                 // A replica accepts PUBLISH (it reaches only its own
                 // subscribers): a master demoted under this link shows in
                 // ROLE only.
-                if let Err(e) = redis_target::check_master(&mut link.publisher) {
-                    return End::Dead(format!("{}: {e}", link.master));
+                match redis_target::check_master(&mut link.publisher) {
+                    Ok(()) => {}
+                    Err(RoleError::NotMaster(e)) => {
+                        return End::Dead(format!("{}: {e}", link.master))
+                    }
+                    // As for the canary's publish: a paused Redis, the
+                    // subscription kept for the stitch.
+                    Err(RoleError::Unanswered(e)) => return End::Silent(e, link.sub),
                 }
             }
             _ => {}
