@@ -282,8 +282,13 @@ pub fn run(target: RedisTarget, shared: Ctx) {
         // Jitter: somewhere between half and all of the backoff.
         let pause = backoff / 2
             + Duration::from_millis(random_u64() % (backoff.as_millis() as u64 / 2 + 1));
-        wait_reading_held(&shared, &canary, &mut st, pause);
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        if wait_reading_held(&target, &shared, &canary, &mut st, pause) {
+            // A Sentinel named a new master: try it now, and from the
+            // bottom of the backoff.
+            backoff = BACKOFF_MIN;
+        } else {
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
     }
     log::debug!("redis: subscriber stopped");
 }
@@ -389,10 +394,21 @@ fn publish_canary(publisher: &mut Connection, canary: &str, seq: u64) -> RedisRe
 }
 
 /// While waiting to reconnect, a held (silent) subscription is still read:
-/// if Redis was only paused, its notices arrive there.
-fn wait_reading_held(shared: &Ctx, canary: &str, st: &mut State, d: Duration) {
+/// if Redis was only paused, its notices arrive there. True when the wait
+/// was cut short by a `+switch-master` announcement.
+fn wait_reading_held(
+    target: &RedisTarget,
+    shared: &Ctx,
+    canary: &str,
+    st: &mut State,
+    d: Duration,
+) -> bool {
     let until = Instant::now() + d;
     while !shared.status.is_shutting_down() {
+        if let Some(to) = target.take_switch_announced() {
+            log::info!("redis: Sentinel announced {to} as the master: reconnecting now");
+            return true;
+        }
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
             break;
@@ -405,6 +421,7 @@ fn wait_reading_held(shared: &Ctx, canary: &str, st: &mut State, d: Duration) {
             st.held = None;
         }
     }
+    false
 }
 
 /// Reads the held subscription up to the canary `marker`, handing its

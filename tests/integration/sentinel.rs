@@ -491,6 +491,11 @@ fn nodes_follow_a_failover(failure: Failure, auth: Auth) {
         assert_eq!(c.recv_text(T).as_deref(), Some(after));
     }
     for (i, n) in nodes.iter().enumerate() {
+        for l in n.log.lock().unwrap().iter() {
+            if l.contains("subscription lost") || l.contains("+switch-master") {
+                eprintln!("failover ({label}): node {i}: {l}");
+            }
+        }
         assert_eq!(
             n.metric("pushwire_connections_accepted_total"),
             accepted[i],
