@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::auth;
-use crate::config::Config;
+use crate::config::{Config, RedisTarget};
 use crate::dispatch::Delivery;
 use crate::history;
 use crate::http::reason_phrase;
@@ -56,11 +56,13 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 struct Admin {
     shared: Ctx,
     active: AtomicUsize,
-    /// Where `POST /publish` publishes, with Redis.
-    redis: Option<redis::Client>,
-    /// Idle publish connections. The lock is held only to take or give
-    /// one back, never across a round trip to Redis.
-    idle: Mutex<Vec<redis::Connection>>,
+    /// Where `POST /publish` publishes, with Redis: the master the
+    /// subscriber proved.
+    redis: Option<RedisTarget>,
+    /// Idle publish connections, with the target's epoch they were opened
+    /// in (older ones go to a master the subscriber lost). The lock is held
+    /// only to take or give one back, never across a round trip to Redis.
+    idle: Mutex<Vec<(redis::Connection, u64)>>,
     /// When the last refused-token line was logged, and how many
     /// refusals went unlogged since.
     refusal_log: Mutex<(Option<Instant>, u64)>,
@@ -77,7 +79,7 @@ fn needs_token(path: &str, protect_metrics: bool) -> bool {
 
 pub fn start(listener: TcpListener, shared: Ctx) -> io::Result<()> {
     let admin = Arc::new(Admin {
-        redis: shared.config.redis.as_ref().map(|r| r.client()),
+        redis: shared.config.redis.clone(),
         shared,
         active: AtomicUsize::new(0),
         idle: Mutex::new(Vec::new()),
@@ -304,12 +306,8 @@ impl Admin {
                 if shared.status.is_shutting_down() {
                     respond(&mut s, 503, "text/plain", b"shutting down\n")
                 } else if !shared.status.is_ready() {
-                    respond(
-                        &mut s,
-                        503,
-                        "text/plain",
-                        b"redis subscription not established\n",
-                    )
+                    let why = format!("{}\n", shared.status.redis_why());
+                    respond(&mut s, 503, "text/plain", why.as_bytes())
                 } else {
                     respond(&mut s, 200, "text/plain", b"ready\n")
                 }
@@ -410,7 +408,7 @@ impl Admin {
         if shared.status.is_shutting_down() {
             return (503, json_error("shutting down"));
         }
-        let Some(client) = &self.redis else {
+        let Some(target) = &self.redis else {
             // Standalone: deliver here.
             return match shared.delivery.handle_payload(body) {
                 Ok(n) => (202, format!("{{\"receivers\":{n}}}\n").into_bytes()),
@@ -425,8 +423,20 @@ impl Admin {
                 .fetch_add(1, Ordering::Relaxed);
             return (400, json_error(&e.to_string()));
         }
+        // Until a link is proven by the canary (at start, and from the
+        // moment one is found dead), a notice published now may reach no
+        // node: say so instead of a 202 for a notice nobody gets.
+        if !shared.status.is_ready() {
+            return (
+                503,
+                json_error(&format!(
+                    "not ready, the notice was not sent: {}",
+                    shared.status.redis_why()
+                )),
+            );
+        }
         for attempt in 0..2 {
-            let (mut conn, pooled) = match self.take_conn(client) {
+            let (mut conn, epoch, pooled) = match self.take_conn(target) {
                 Ok(c) => c,
                 Err(e) => return (503, json_error(&format!("redis unavailable: {e}"))),
             };
@@ -442,7 +452,7 @@ impl Admin {
             };
             match outcome {
                 Ok(answer) => {
-                    self.put_back(conn);
+                    self.put_back(conn, epoch);
                     return answer;
                 }
                 // A pooled connection that a Redis restart closed fails on
@@ -494,7 +504,7 @@ impl Admin {
             return (200, (answer + "\n").into_bytes());
         };
         for attempt in 0..2 {
-            let (mut conn, pooled) = match self.take_conn(client) {
+            let (mut conn, epoch, pooled) = match self.take_conn(client) {
                 Ok(c) => c,
                 Err(e) => return (503, json_error(&format!("redis unavailable: {e}"))),
             };
@@ -508,7 +518,7 @@ impl Admin {
             }
             match r {
                 Ok(answer) => {
-                    self.put_back(conn);
+                    self.put_back(conn, epoch);
                     return (200, (answer + "\n").into_bytes());
                 }
                 // A read: safe to try once more on a new connection.
@@ -527,26 +537,29 @@ impl Admin {
     }
 
     /// An idle connection from the pool (the lock is released at once), or
-    /// a new one; the round trip then runs without the lock.
-    fn take_conn(&self, client: &redis::Client) -> redis::RedisResult<(redis::Connection, bool)> {
-        let idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
-        if let Some(c) = idle {
-            return Ok((c, true));
+    /// a new one to the master the subscriber proved; the round trip then
+    /// runs without the lock. Connections from before the subscriber's last
+    /// lost link are closed.
+    fn take_conn(
+        &self,
+        target: &RedisTarget,
+    ) -> redis::RedisResult<(redis::Connection, u64, bool)> {
+        let idle = {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            idle.retain(|(_, epoch)| target.is_current(*epoch));
+            idle.pop()
+        };
+        if let Some((c, epoch)) = idle {
+            return Ok((c, epoch, true));
         }
-        let c = client.get_connection_with_timeout(Duration::from_secs(2))?;
-        c.set_read_timeout(Some(Duration::from_secs(2)))?;
-        c.set_write_timeout(Some(Duration::from_secs(2)))?;
-        Ok((c, false))
+        let c = target.connect(Duration::from_secs(2))?;
+        Ok((c.conn, c.epoch, false))
     }
 
-    fn put_back(&self, conn: redis::Connection) {
+    fn put_back(&self, conn: redis::Connection, epoch: u64) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < MAX_IDLE_REDIS {
-            idle.push(conn);
+            idle.push((conn, epoch));
         }
     }
 

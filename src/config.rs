@@ -32,6 +32,10 @@ pub struct Config {
     /// `GET /metrics` needs the admin token too.
     pub admin_protect_metrics: bool,
     pub redis: Option<RedisTarget>,
+    /// TLS files for `rediss://` (already read into `redis` when set).
+    pub redis_ca_file: Option<PathBuf>,
+    pub redis_cert_file: Option<PathBuf>,
+    pub redis_key_file: Option<PathBuf>,
     pub channel: String,
     pub auth: AuthConfig,
     /// The HS256 key (empty when none is needed).
@@ -91,6 +95,9 @@ impl Config {
             admin_insecure: false,
             admin_protect_metrics: false,
             redis: None,
+            redis_ca_file: None,
+            redis_cert_file: None,
+            redis_key_file: None,
             channel: String::new(),
             auth: AuthConfig {
                 path: String::new(),
@@ -126,6 +133,11 @@ impl Config {
     /// an operator should see.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
+        if let Some(r) = self.redis.as_ref().filter(|r| r.is_insecure()) {
+            w.push(format!(
+                "--redis {r}: insecure: the Redis server's TLS certificate is NOT verified; give --redis-ca-file instead"
+            ));
+        }
         if let Some(addr) = self.admin_listen {
             if self.admin_token.is_none() && !addr.ip().is_loopback() {
                 w.push(format!(
@@ -137,44 +149,7 @@ impl Config {
     }
 }
 
-/// The Redis server every Redis user in pushwire connects to: the URL is
-/// parsed once, at start, into the connection info they share.
-#[derive(Clone)]
-pub struct RedisTarget {
-    client: redis::Client,
-    /// The URL without its password, for logs.
-    shown: String,
-}
-
-impl RedisTarget {
-    pub fn parse(url: &str) -> redis::RedisResult<RedisTarget> {
-        Ok(RedisTarget {
-            client: redis::Client::open(url)?,
-            shown: crate::redact(url),
-        })
-    }
-
-    /// A client for a new connection (opening one is the caller's I/O).
-    pub fn client(&self) -> redis::Client {
-        self.client.clone()
-    }
-
-    pub fn info(&self) -> &redis::ConnectionInfo {
-        self.client.get_connection_info()
-    }
-}
-
-impl fmt::Display for RedisTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.shown)
-    }
-}
-
-impl fmt::Debug for RedisTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RedisTarget({})", self.shown)
-    }
-}
+pub use crate::redis_target::RedisTarget;
 
 /// Reads a secret file (the JWT key, the admin token): its bytes without
 /// the trailing newline; an empty file is an error.
@@ -409,14 +384,54 @@ const OPTIONS: &[Opt] = &[
         "PUSHWIRE_REDIS_URL",
         "URL",
         Unset("none: standalone"),
-        "redis://[user:pass@]host:port[/db]",
+        "redis://[user:pass@]host:port[/db]; rediss://... for TLS (add \
+         ?insecure=true to skip certificate verification: INSECURE, for tests only); \
+         redis+sentinel://[user:pass@]host1:26379,host2:26379/<master-name>[/db] \
+         follows the master Sentinel names (Sentinel auth: \
+         ?sentinel_password=P[&sentinel_user=U])",
         |c, v| {
-            let target = RedisTarget::parse(v)
-                .map_err(|e| expected(format!("redis://[user:pass@]host:port[/db] ({e})")))?;
+            let target = RedisTarget::parse(v).map_err(|e| {
+                expected(format!(
+                    "redis://[user:pass@]host:port[/db], rediss://..., or redis+sentinel://[user:pass@]host1:26379,host2:26379/<master-name>[/db] ({e})"
+                ))
+            })?;
             c.redis = Some(target);
             Ok(())
         },
     )),
+    opt(
+        "redis-ca-file",
+        "PUSHWIRE_REDIS_CA_FILE",
+        "F",
+        Unset("the system roots"),
+        "PEM file of the CA(s) that sign the certificate of a rediss:// Redis",
+        |c, v| {
+            c.redis_ca_file = Some(PathBuf::from(nonempty(v, "a file name")?));
+            Ok(())
+        },
+    ),
+    opt(
+        "redis-cert-file",
+        "PUSHWIRE_REDIS_CERT_FILE",
+        "F",
+        Unset("none"),
+        "PEM client certificate (chain) for mutual TLS with rediss://; needs --redis-key-file",
+        |c, v| {
+            c.redis_cert_file = Some(PathBuf::from(nonempty(v, "a file name")?));
+            Ok(())
+        },
+    ),
+    opt(
+        "redis-key-file",
+        "PUSHWIRE_REDIS_KEY_FILE",
+        "F",
+        Unset("none"),
+        "PEM private key of --redis-cert-file",
+        |c, v| {
+            c.redis_key_file = Some(PathBuf::from(nonempty(v, "a file name")?));
+            Ok(())
+        },
+    ),
     opt(
         "channel",
         "PUSHWIRE_CHANNEL",
@@ -911,6 +926,23 @@ fn build(
     }
 
     // Then what needs several options.
+    let tls_files = crate::redis_target::TlsFiles {
+        ca: c.redis_ca_file.as_deref(),
+        cert: c.redis_cert_file.as_deref(),
+        key: c.redis_key_file.as_deref(),
+    };
+    match c.redis.take() {
+        Some(t) => {
+            c.redis = Some(t.with_tls_files(&tls_files).map_err(ConfigError)?);
+        }
+        None if given("redis-ca-file") || given("redis-cert-file") || given("redis-key-file") => {
+            return Err(ConfigError(
+                "--redis-ca-file, --redis-cert-file and --redis-key-file need --redis rediss://..."
+                    .into(),
+            ));
+        }
+        None => {}
+    }
     if given("jwt-secret") && given("jwt-secret-file") {
         return Err(ConfigError(
             "--jwt-secret and --jwt-secret-file exclude each other: give one".into(),

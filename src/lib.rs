@@ -20,6 +20,7 @@ mod notice;
 mod presence;
 #[cfg(test)]
 mod props;
+mod redis_target;
 mod replay;
 mod sdnotify;
 mod server;
@@ -191,7 +192,7 @@ pub fn start(mut config: Config) -> Result<Server, StartError> {
                 bytes: config.max_queue_bytes,
             };
             let r = replay::Replayer::spawn(
-                target.client(),
+                target.clone(),
                 config.key_prefix.clone(),
                 limit,
                 replayer_stop.clone(),
@@ -212,7 +213,7 @@ pub fn start(mut config: Config) -> Result<Server, StartError> {
                 metrics: metrics.clone(),
                 stop: presence_stop.clone(),
             };
-            let t = presence::spawn(target.client(), handle.clone(), rx, p)
+            let t = presence::spawn(target.clone(), handle.clone(), rx, p)
                 .map_err(|e| StartError::Io("spawn", e))?;
             (Some(handle), Some(t))
         }

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub redis_connected: AtomicU64,
     pub redis_reconnects: AtomicU64,
     pub canary_failures: AtomicU64,
+    /// Subscriber link builds that failed (refused, TLS, a replica, ...).
+    pub redis_connect_failures: AtomicU64,
     pub resync_sent: AtomicU64,
     pub recoveries_recovered: AtomicU64,
     pub recoveries_missed: AtomicU64,
@@ -144,6 +146,12 @@ impl Metrics {
             "counter",
             "Canaries that could not be published or did not come back in time.",
             self.canary_failures.load(Relaxed),
+        );
+        one(
+            "pushwire_redis_connect_failures_total",
+            "counter",
+            "Subscriber links that could not be built (refused, TLS, auth, a replica); the reason is in the log and /readyz.",
+            self.redis_connect_failures.load(Relaxed),
         );
         one(
             "pushwire_resync_notices_total",

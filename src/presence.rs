@@ -25,6 +25,7 @@ use redis::{ConnectionLike, RedisError, RedisResult, Value};
 use crate::config::Config;
 use crate::history;
 use crate::metrics::Metrics;
+use crate::redis_target::RedisTarget;
 use crate::sessions::Sessions;
 
 /// Changes queued from the loops before they fall back to a full
@@ -298,18 +299,18 @@ fn unexpected() -> RedisError {
 
 /// Starts the presence thread on its own Redis connection.
 pub fn spawn(
-    client: redis::Client,
+    target: RedisTarget,
     handle: Arc<Presence>,
     rx: Receiver<Box<str>>,
     ctx: Ctx,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("presence".into())
-        .spawn(move || Writer::new(client, handle, rx, ctx).run())
+        .spawn(move || Writer::new(target, handle, rx, ctx).run())
 }
 
 struct Writer {
-    client: redis::Client,
+    target: RedisTarget,
     handle: Arc<Presence>,
     rx: Receiver<Box<str>>,
     ctx: Ctx,
@@ -328,9 +329,9 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(client: redis::Client, handle: Arc<Presence>, rx: Receiver<Box<str>>, ctx: Ctx) -> Self {
+    fn new(target: RedisTarget, handle: Arc<Presence>, rx: Receiver<Box<str>>, ctx: Ctx) -> Self {
         Writer {
-            client,
+            target,
             handle,
             rx,
             ctx,
@@ -421,9 +422,12 @@ impl Writer {
         if !stopping && Instant::now() < self.next_connect {
             return false;
         }
+        // The master the subscriber proved (Sentinel: found again).
         let r = self
-            .client
-            .get_connection_with_timeout(CONNECT_TIMEOUT)
+            .target
+            .connect(CONNECT_TIMEOUT)
+            .map(|c| c.conn)
+            .map_err(redis::RedisError::from)
             .and_then(|c| {
                 c.set_read_timeout(Some(IO_TIMEOUT))?;
                 c.set_write_timeout(Some(IO_TIMEOUT))?;

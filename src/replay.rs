@@ -15,7 +15,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
-use redis::{Client, Connection, RedisError, RedisResult};
+use redis::{Connection, RedisError, RedisResult};
+
+use crate::redis_target::RedisTarget;
 
 use crate::history::{self, ClientId, History, Limit};
 
@@ -57,7 +59,7 @@ impl Replayer {
     /// Starts the thread. It stops when `stop` is set or the `Replayer` is
     /// dropped, answering what is still queued with an error.
     pub fn spawn(
-        client: Client,
+        target: RedisTarget,
         prefix: String,
         limit: Limit,
         stop: Arc<AtomicBool>,
@@ -67,7 +69,7 @@ impl Replayer {
         let batches = Arc::new(AtomicU64::new(0));
         let worker = Worker {
             batches: batches.clone(),
-            client,
+            target,
             prefix,
             limit,
             stop,
@@ -114,12 +116,15 @@ impl Replayer {
 
 struct Worker {
     batches: Arc<AtomicU64>,
-    client: Client,
+    /// Connections go to the master the subscriber proved.
+    target: RedisTarget,
     prefix: String,
     limit: Limit,
     stop: Arc<AtomicBool>,
     rx: Receiver<Request>,
-    conn: Option<Connection>,
+    /// With the target's epoch it was opened in: one from before the
+    /// subscriber's last lost link goes to a master it left, and is closed.
+    conn: Option<(Connection, u64)>,
     backoff: Duration,
     /// No connect before this: while Redis is down, requests are answered
     /// with an error at once instead of each waiting for a connect.
@@ -171,7 +176,7 @@ impl Worker {
 
     fn read(&mut self, batch: &[Request]) -> RedisResult<Vec<RedisResult<History>>> {
         self.connect()?;
-        let Some(conn) = self.conn.as_mut() else {
+        let Some((conn, _)) = self.conn.as_mut() else {
             return Err(RedisError::from((redis::ErrorKind::Io, "no connection")));
         };
         let requests: Vec<(&str, &ClientId)> = batch.iter().map(|r| (&*r.user, &r.since)).collect();
@@ -192,6 +197,14 @@ impl Worker {
     }
 
     fn connect(&mut self) -> RedisResult<()> {
+        if self
+            .conn
+            .as_ref()
+            .is_some_and(|(_, epoch)| !self.target.is_current(*epoch))
+        {
+            log::debug!("replayer: the subscriber lost its link: reconnecting");
+            self.conn = None;
+        }
         if self.conn.is_none() {
             if Instant::now() < self.next_attempt {
                 return Err(RedisError::from((
@@ -200,17 +213,18 @@ impl Worker {
                 )));
             }
             let c = self
-                .client
-                .get_connection_with_timeout(CONNECT_TIMEOUT)
+                .target
+                .connect(CONNECT_TIMEOUT)
+                .map_err(RedisError::from)
                 .and_then(|c| {
-                    c.set_read_timeout(Some(READ_TIMEOUT))?;
-                    c.set_write_timeout(Some(READ_TIMEOUT))?;
+                    c.conn.set_read_timeout(Some(READ_TIMEOUT))?;
+                    c.conn.set_write_timeout(Some(READ_TIMEOUT))?;
                     Ok(c)
                 });
             match c {
                 Ok(c) => {
-                    log::debug!("replayer: connected to redis");
-                    self.conn = Some(c);
+                    log::debug!("replayer: connected to redis at {}", c.master);
+                    self.conn = Some((c.conn, c.epoch));
                 }
                 Err(e) => {
                     log::warn!("replayer: cannot connect to redis: {e}");
@@ -284,7 +298,8 @@ mod tests {
             entries: 200,
             bytes: 0,
         };
-        let rp = Replayer::spawn(r.client(), "pushwire".into(), limit, stop.clone(), sink).unwrap();
+        let target = RedisTarget::parse(&r.url()).unwrap();
+        let rp = Replayer::spawn(target, "pushwire".into(), limit, stop.clone(), sink).unwrap();
         let mut refused = 0;
         let mut sent = Vec::new();
         for token in 0..1000u64 {
@@ -331,7 +346,7 @@ mod tests {
     fn replay_history_answers_errors_when_redis_is_down_and_recovers() {
         let r = TestRedis::start();
         let port = r.port;
-        let client = r.client();
+        let client = RedisTarget::parse(&r.url()).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let (got, sink) = collector();
         let limit = Limit {

@@ -4,6 +4,7 @@
 //! lock and without knowing about each other.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
 pub struct Status {
@@ -12,6 +13,9 @@ pub struct Status {
     /// Set while the subscription is proven end to end; always set
     /// standalone (no Redis).
     redis_ready: AtomicBool,
+    /// Why the subscription is not proven, for `/readyz` (a lock held
+    /// only to copy the string in or out).
+    redis_why: Mutex<String>,
 }
 
 impl Status {
@@ -20,6 +24,7 @@ impl Status {
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
             redis_ready: AtomicBool::new(standalone),
+            redis_why: Mutex::new("redis subscription not established yet".into()),
         }
     }
 
@@ -42,6 +47,21 @@ impl Status {
 
     pub fn set_redis_ready(&self, ready: bool) {
         self.redis_ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Says why the subscription is not proven (shown by `/readyz`).
+    pub fn set_redis_why(&self, why: impl Into<String>) {
+        *self
+            .redis_why
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = why.into();
+    }
+
+    pub fn redis_why(&self) -> String {
+        self.redis_why
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Ready for traffic: subscribed (or standalone) and not draining.

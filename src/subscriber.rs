@@ -15,13 +15,22 @@
 //! and the new one after it, so each notice is delivered once. When the old
 //! link never brings the marker (it was really dead) what it held is lost.
 //! Either way `--resync-notice` follows, as after a link that closed.
+//!
+//! Every link is built on the master found at that moment
+//! ([`RedisTarget::find_master`]: with Sentinel, asked anew), never on the
+//! last address; a server that says it is a replica, at link build or in
+//! the `ROLE` check that follows each canary, is a lost link. With
+//! Sentinel, a `+switch-master` announcement (watched on its own thread)
+//! ends the link at once; it is only a shortcut, the canary stays the
+//! proof. The master a canary proved is recorded in the target, and the
+//! other Redis users (`POST /publish`, the history reader) follow it.
 
 use std::mem::ManuallyDrop;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::{Client, Connection, RedisResult, Value};
+use redis::{Connection, RedisResult, Value};
 
 use crate::config::{Config, RedisTarget};
 use crate::connection::intern_epoch;
@@ -29,6 +38,7 @@ use crate::dispatch::{Delivery, DurableId, Frames, Inbox};
 use crate::history;
 use crate::metrics::Metrics;
 use crate::notice;
+use crate::redis_target::{self, Master, RoleError};
 use crate::status::Status;
 
 /// What the subscriber reads and where it delivers.
@@ -63,6 +73,8 @@ const UNAVAILABLE_LINE_EVERY: Duration = Duration::from_secs(60);
 struct Link {
     publisher: Connection,
     sub: Sub,
+    /// The server both connections go to.
+    master: Master,
 }
 
 /// A subscribed connection and what reading it means.
@@ -159,6 +171,10 @@ enum End {
     /// The canary did not come back: the subscription is kept for the
     /// stitch.
     Silent(String, Sub),
+    /// A Sentinel announced another master: the old subscription is kept
+    /// for the stitch (a demoted master still relays what the new one
+    /// publishes, canaries included).
+    Switched(String, Sub),
 }
 
 struct State {
@@ -174,7 +190,17 @@ struct State {
 }
 
 pub fn run(target: RedisTarget, shared: Ctx) {
-    let client = target.client();
+    if target.is_sentinel() {
+        let t = target.clone();
+        let status = shared.status.clone();
+        let spawned = std::thread::Builder::new()
+            .name("sentinel-watch".into())
+            .spawn(move || t.watch_switches(|| status.is_shutting_down()));
+        if let Err(e) = spawned {
+            // Not fatal: the canary finds a failover without it.
+            log::warn!("redis: cannot start the +switch-master watch: {e}");
+        }
+    }
     let canary = format!("pushwire:canary:{:016x}", random_u64());
     let mut backoff = BACKOFF_MIN;
     let mut st = State {
@@ -183,15 +209,24 @@ pub fn run(target: RedisTarget, shared: Ctx) {
         held: None,
         proven: false,
     };
-    let mut last_unavailable_line: Option<Instant> = None;
+    let mut last_unavailable_line: Option<(Instant, String)> = None;
     let place = target.to_string();
     while !shared.status.is_shutting_down() {
         st.proven = false;
-        let end = match open_link(&client, &shared, &canary) {
-            Ok(link) => session(link, &shared, &canary, &mut st),
-            Err(why) => End::Dead(why),
+        let end = match open_link(&target, &shared, &canary) {
+            Ok(link) => session(link, &target, &shared, &canary, &mut st),
+            Err(why) => {
+                shared
+                    .metrics
+                    .redis_connect_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                End::Dead(why)
+            }
         };
+        // Not ready from the moment the link is found dead; the other
+        // Redis users drop their connections to it.
         set_ready(&shared, false);
+        target.lost();
         let why = match end {
             End::Stop => break,
             End::Dead(why) => why,
@@ -204,24 +239,36 @@ pub fn run(target: RedisTarget, shared: Ctx) {
                 st.held.get_or_insert(sub);
                 why
             }
+            End::Switched(why, sub) => {
+                st.held.get_or_insert(sub);
+                why
+            }
         };
+        shared
+            .status
+            .set_redis_why(format!("redis link down: {why}"));
         if st.proven {
             log::warn!("redis: subscription lost: {why}; reconnecting");
             last_unavailable_line = None;
             // Connections that use `since` hold live notices from here and
             // are recovered from history once a link is proven again.
             shared.delivery.tell_all(|| Inbox::Lost);
-        } else if last_unavailable_line.is_none_or(|t| t.elapsed() >= UNAVAILABLE_LINE_EVERY) {
+        } else if backoff < BACKOFF_MAX
+            || last_unavailable_line
+                .as_ref()
+                .is_none_or(|(t, last)| *last != why || t.elapsed() >= UNAVAILABLE_LINE_EVERY)
+        {
             // A link that never worked (Redis down at start, a wrong
-            // password): say why, and again now and then while it lasts,
-            // so that the journal tells an operator why the node is not
-            // ready.
+            // password, a bad certificate, a replica): say why, once per
+            // backoff step, then when the reason changes and now and then
+            // while it lasts, so that the journal tells an operator why
+            // the node is not ready.
             log::warn!(
                 "redis: cannot connect to Redis at {place}: {why} (retrying every {}s at most; repeated every {}s while it lasts)",
                 BACKOFF_MAX.as_secs(),
                 UNAVAILABLE_LINE_EVERY.as_secs()
             );
-            last_unavailable_line = Some(Instant::now());
+            last_unavailable_line = Some((Instant::now(), why));
         } else {
             log::debug!("redis: still unavailable: {why}");
         }
@@ -235,8 +282,13 @@ pub fn run(target: RedisTarget, shared: Ctx) {
         // Jitter: somewhere between half and all of the backoff.
         let pause = backoff / 2
             + Duration::from_millis(random_u64() % (backoff.as_millis() as u64 / 2 + 1));
-        wait_reading_held(&shared, &canary, &mut st, pause);
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        if wait_reading_held(&target, &shared, &canary, &mut st, pause) {
+            // A Sentinel named a new master: try it now, and from the
+            // bottom of the backoff.
+            backoff = BACKOFF_MIN;
+        } else {
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
     }
     log::debug!("redis: subscriber stopped");
 }
@@ -249,14 +301,17 @@ fn set_ready(shared: &Ctx, ready: bool) {
         .store(ready as u64, Ordering::Relaxed);
 }
 
-fn open_link(client: &Client, shared: &Ctx, canary: &str) -> Result<Link, String> {
-    let connect = || {
-        client
-            .get_connection_with_timeout(CONNECT_TIMEOUT)
-            .map_err(|e| format!("connect: {e}"))
-    };
-    let publisher = connect()?;
-    let mut sub = connect()?;
+fn open_link(target: &RedisTarget, shared: &Ctx, canary: &str) -> Result<Link, String> {
+    // Found now (with Sentinel: asked now), ROLE master checked; the
+    // subscription goes to the very same server.
+    let found = target
+        .find_master(CONNECT_TIMEOUT)
+        .map_err(|e| format!("connect: {e}"))?;
+    let master = found.master;
+    let publisher = found.conn;
+    let mut sub = target
+        .connect_to(&master, CONNECT_TIMEOUT)
+        .map_err(|e| format!("connect: {e}"))?;
     let io = Some(IO_TIMEOUT);
     publisher
         .set_read_timeout(io)
@@ -285,9 +340,10 @@ fn open_link(client: &Client, shared: &Ctx, canary: &str) -> Result<Link, String
         .map_err(|e| format!("socket options: {e}"))?;
     let mut publisher = publisher;
     if durable.is_some() {
-        load_library(shared, &mut publisher);
+        load_library(shared, &mut publisher)?;
     }
     Ok(Link {
+        master,
         publisher,
         sub: Sub {
             conn: sub,
@@ -301,7 +357,8 @@ fn open_link(client: &Client, shared: &Ctx, canary: &str) -> Result<Link, String
 /// Loads (or upgrades) the function library on every new link: Redis may
 /// have lost it (a restart without persistence, a failover). Not fatal:
 /// plain notices flow without it; durable publishing answers an error.
-fn load_library(shared: &Ctx, conn: &mut Connection) {
+/// Except READONLY: the server is a replica, and the link is not built.
+fn load_library(shared: &Ctx, conn: &mut Connection) -> Result<(), String> {
     let c = &shared.config;
     match history::ensure_library(
         conn,
@@ -319,11 +376,17 @@ fn load_library(shared: &Ctx, conn: &mut Connection) {
             c.key_prefix,
             history::LIBRARY_VERSION
         ),
+        Err(e) if e.code() == Some("READONLY") => {
+            return Err(format!(
+                "the server is a replica (READONLY on FUNCTION LOAD): {e}"
+            ))
+        }
         Err(e) => log::warn!(
             "redis: cannot load the function library {} (durable notices need Redis 7): {e}",
             c.key_prefix
         ),
     }
+    Ok(())
 }
 
 fn publish_canary(publisher: &mut Connection, canary: &str, seq: u64) -> RedisResult<i64> {
@@ -331,10 +394,21 @@ fn publish_canary(publisher: &mut Connection, canary: &str, seq: u64) -> RedisRe
 }
 
 /// While waiting to reconnect, a held (silent) subscription is still read:
-/// if Redis was only paused, its notices arrive there.
-fn wait_reading_held(shared: &Ctx, canary: &str, st: &mut State, d: Duration) {
+/// if Redis was only paused, its notices arrive there. True when the wait
+/// was cut short by a `+switch-master` announcement.
+fn wait_reading_held(
+    target: &RedisTarget,
+    shared: &Ctx,
+    canary: &str,
+    st: &mut State,
+    d: Duration,
+) -> bool {
     let until = Instant::now() + d;
     while !shared.status.is_shutting_down() {
+        if let Some(to) = target.take_switch_announced() {
+            log::info!("redis: Sentinel announced {to} as the master: reconnecting now");
+            return true;
+        }
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
             break;
@@ -347,6 +421,7 @@ fn wait_reading_held(shared: &Ctx, canary: &str, st: &mut State, d: Duration) {
             st.held = None;
         }
     }
+    false
 }
 
 /// Reads the held subscription up to the canary `marker`, handing its
@@ -364,7 +439,13 @@ fn drain_held(mut held: Sub, shared: &Ctx, canary: &str, marker: u64, limit: Dur
     false
 }
 
-fn session(mut link: Link, shared: &Ctx, canary: &str, st: &mut State) -> End {
+fn session(
+    mut link: Link,
+    target: &RedisTarget,
+    shared: &Ctx,
+    canary: &str,
+    st: &mut State,
+) -> End {
     let interval = shared.config.canary_interval;
     let deadline = (interval * 2).max(Duration::from_millis(500));
     // The first canary of a link is also the seam of a stitch.
@@ -393,6 +474,15 @@ fn session(mut link: Link, shared: &Ctx, canary: &str, st: &mut State) -> End {
         if shared.status.is_shutting_down() {
             return End::Stop;
         }
+        if let Some(to) = target.take_switch_announced().filter(|m| *m != link.master) {
+            return End::Switched(
+                format!(
+                    "Sentinel announced +switch-master from {} to {to}",
+                    link.master
+                ),
+                link.sub,
+            );
+        }
         let now = Instant::now();
         match outstanding {
             // Silence, not lateness, is the sign of a dead link: the canary
@@ -403,11 +493,29 @@ fn session(mut link: Link, shared: &Ctx, canary: &str, st: &mut State) -> End {
             None if now.duration_since(last_proof) >= interval => {
                 st.seq += 1;
                 if let Err(e) = publish_canary(&mut link.publisher, canary, st.seq) {
+                    if e.code() == Some("READONLY") {
+                        return End::Dead(format!(
+                            "{} is a replica now (READONLY on the canary): {e}",
+                            link.master
+                        ));
+                    }
                     // A paused Redis usually shows here first: the publish
                     // times out. The subscription itself may be fine.
                     return End::Silent(format!("canary publish: {e}"), link.sub);
                 }
                 outstanding = Some((st.seq, now));
+                // A replica accepts PUBLISH (it reaches only its own
+                // subscribers): a master demoted under this link shows in
+                // ROLE only.
+                match redis_target::check_master(&mut link.publisher) {
+                    Ok(()) => {}
+                    Err(RoleError::NotMaster(e)) => {
+                        return End::Dead(format!("{}: {e}", link.master))
+                    }
+                    // As for the canary's publish: a paused Redis, the
+                    // subscription kept for the stitch.
+                    Err(RoleError::Unanswered(e)) => return End::Silent(e, link.sub),
+                }
             }
             _ => {}
         }
@@ -421,7 +529,8 @@ fn session(mut link: Link, shared: &Ctx, canary: &str, st: &mut State) -> End {
                     last_proof = last_message;
                     if !st.proven {
                         st.proven = true;
-                        on_proven(shared, canary, st);
+                        target.proven(&link.master);
+                        on_proven(shared, canary, st, &link.master);
                     }
                 }
             }
@@ -434,12 +543,12 @@ fn session(mut link: Link, shared: &Ctx, canary: &str, st: &mut State) -> End {
 /// subscription (closed, reset or silent), clients get the resync notice:
 /// even when the stitch delivered everything, the node cannot prove to a
 /// client that nothing was missed.
-fn on_proven(shared: &Ctx, canary: &str, st: &mut State) {
+fn on_proven(shared: &Ctx, canary: &str, st: &mut State, master: &Master) {
     set_ready(shared, true);
     if !st.ever_ready {
         st.ever_ready = true;
         log::info!(
-            "redis: subscribed to {} (canary {canary})",
+            "redis: subscribed to {} on {master} (canary {canary})",
             shared.config.channel
         );
         return;
@@ -448,7 +557,10 @@ fn on_proven(shared: &Ctx, canary: &str, st: &mut State) {
         .metrics
         .redis_reconnects
         .fetch_add(1, Ordering::Relaxed);
-    log::info!("redis: subscription restored on {}", shared.config.channel);
+    log::info!(
+        "redis: subscription restored on {} (master {master})",
+        shared.config.channel
+    );
     let resync = shared.config.resync_notice.as_ref().map(|text| {
         shared.metrics.resync_sent.fetch_add(1, Ordering::Relaxed);
         notice::text_frame(text.as_bytes())
