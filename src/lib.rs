@@ -19,6 +19,7 @@ pub mod notice;
 #[cfg(test)]
 mod props;
 pub mod replay;
+pub mod resp;
 pub mod sdnotify;
 pub mod server;
 pub mod sessions;
