@@ -637,3 +637,373 @@ fn connect_tcp(
         )
     })))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::Config as ProptestConfig;
+
+    fn config() -> ProptestConfig {
+        // As in `props`: PROPTEST_CASES is honoured, 1000 when it is not set.
+        let mut c = ProptestConfig::default();
+        if std::env::var_os("PROPTEST_CASES").is_none() {
+            c.cases = 1000;
+        }
+        c.failure_persistence = None;
+        c
+    }
+
+    /// A reply as the tests write it, owned.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum O {
+        Simple(Vec<u8>),
+        Error(Vec<u8>),
+        Int(i64),
+        Bulk(Vec<u8>),
+        Nil,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct Frame {
+        array: bool,
+        items: Vec<O>,
+    }
+
+    fn owned(r: &Reply<'_>) -> Frame {
+        let items = r
+            .items()
+            .iter()
+            .map(|i| match *i {
+                Item::Simple(s) => O::Simple(s.to_vec()),
+                Item::Error(s) => O::Error(s.to_vec()),
+                Item::Int(n) => O::Int(n),
+                Item::Bulk(b) => O::Bulk(b.to_vec()),
+                Item::Nil => O::Nil,
+            })
+            .collect();
+        Frame {
+            array: r.is_array(),
+            items,
+        }
+    }
+
+    /// An encoder of its own, written from the RESP2 specification.
+    fn put(o: &O, out: &mut Vec<u8>) {
+        match o {
+            O::Simple(s) => out.extend([&b"+"[..], s, b"\r\n"].concat()),
+            O::Error(s) => out.extend([&b"-"[..], s, b"\r\n"].concat()),
+            O::Int(n) => out.extend(format!(":{n}\r\n").bytes()),
+            O::Bulk(b) => {
+                out.extend(format!("${}\r\n", b.len()).bytes());
+                out.extend(b);
+                out.extend(b"\r\n");
+            }
+            O::Nil => out.extend(b"$-1\r\n"),
+        }
+    }
+
+    fn encode(f: &Frame, out: &mut Vec<u8>) {
+        if !f.array {
+            return put(&f.items[0], out);
+        }
+        if f.items == [O::Nil] {
+            return out.extend(b"*-1\r\n");
+        }
+        out.extend(format!("*{}\r\n", f.items.len()).bytes());
+        for i in &f.items {
+            put(i, out);
+        }
+    }
+
+    fn bulk(b: &[u8]) -> O {
+        O::Bulk(b.to_vec())
+    }
+
+    fn line_text() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(
+            any::<u8>().prop_filter("no CR/LF", |c| *c != b'\r' && *c != b'\n'),
+            0..40,
+        )
+    }
+
+    fn bytes() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            8 => prop::collection::vec(any::<u8>(), 0..64),
+            // CRLF inside bulks: a length-prefixed bulk may hold anything.
+            1 => Just(b"a\r\nb\r\n".to_vec()),
+            // Large notices: past the first buffer and past KEEP_BUF.
+            1 => (any::<u8>(), 0usize..150_000).prop_map(|(c, n)| vec![c; n]),
+        ]
+    }
+
+    fn scalar_o() -> impl Strategy<Value = O> {
+        prop_oneof![
+            line_text().prop_map(O::Simple),
+            line_text().prop_map(O::Error),
+            any::<i64>().prop_map(O::Int),
+            bytes().prop_map(O::Bulk),
+            Just(O::Nil),
+        ]
+    }
+
+    /// Pushes a subscription meets, and any other reply the reader takes.
+    fn frame() -> impl Strategy<Value = Frame> {
+        let array = |items| Frame { array: true, items };
+        prop_oneof![
+            6 => (bytes(), bytes()).prop_map(move |(c, p)| array(vec![bulk(b"message"), O::Bulk(c), O::Bulk(p)])),
+            1 => (bytes(), any::<i64>()).prop_map(move |(c, n)| array(vec![bulk(b"subscribe"), O::Bulk(c), O::Int(n)])),
+            1 => bytes().prop_map(move |p| array(vec![bulk(b"pong"), O::Bulk(p)])),
+            1 => (bytes(), bytes(), bytes()).prop_map(move |(p, c, m)| array(vec![bulk(b"pmessage"), O::Bulk(p), O::Bulk(c), O::Bulk(m)])),
+            1 => Just(array(vec![O::Nil])),
+            1 => prop::collection::vec(scalar_o(), 0..=MAX_ITEMS).prop_map(array),
+            2 => scalar_o().prop_map(|o| Frame { array: false, items: vec![o] }),
+        ]
+    }
+
+    /// A stream that hands out `data` in the pieces `cuts` makes, with a
+    /// timeout (`WouldBlock`) between pieces when `stall` is set, as a
+    /// socket with a read timeout would.
+    struct Pieces {
+        data: Vec<u8>,
+        cuts: Vec<usize>,
+        pos: usize,
+        stall: bool,
+        stalled: bool,
+    }
+
+    impl Pieces {
+        fn new(data: Vec<u8>, mut cuts: Vec<usize>, stall: bool) -> Pieces {
+            let n = data.len().max(1);
+            for c in &mut cuts {
+                *c %= n;
+            }
+            cuts.sort_unstable();
+            Pieces {
+                data,
+                cuts,
+                pos: 0,
+                stall,
+                stalled: false,
+            }
+        }
+    }
+
+    impl Read for Pieces {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            if self.stall && !self.stalled {
+                self.stalled = true;
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.stalled = false;
+            let next = self
+                .cuts
+                .iter()
+                .copied()
+                .find(|&c| c > self.pos)
+                .unwrap_or(self.data.len());
+            let n = (next - self.pos).min(out.len());
+            out[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    /// Every reply in the stream, retrying timeouts, up to the end.
+    fn read_all(src: &mut Pieces) -> (Vec<Frame>, Error) {
+        let mut r = Reader::new();
+        let mut got = Vec::new();
+        loop {
+            match r.read(src) {
+                Ok(reply) => got.push(owned(&reply)),
+                Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return (got, e),
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn resp_split_or_coalesced_replies_parse_back(
+            frames in prop::collection::vec(frame(), 0..12),
+            cuts in prop::collection::vec(any::<usize>(), 0..24),
+            stall in any::<bool>(),
+        ) {
+            let mut data = Vec::new();
+            for f in &frames {
+                encode(f, &mut data);
+            }
+            let (got, end) = read_all(&mut Pieces::new(data, cuts, stall));
+            prop_assert!(matches!(end, Error::Closed), "{end}");
+            prop_assert_eq!(got, frames);
+        }
+
+        #[test]
+        fn resp_byte_at_a_time_replies_parse_back(
+            frames in prop::collection::vec(frame(), 0..4),
+        ) {
+            let mut data = Vec::new();
+            for f in &frames {
+                encode(f, &mut data);
+            }
+            if data.len() > 4096 {
+                // A byte at a time re-parses the reply per byte: keep it small.
+                return Ok(());
+            }
+            let cuts = (0..data.len()).collect();
+            let (got, end) = read_all(&mut Pieces::new(data, cuts, true));
+            prop_assert!(matches!(end, Error::Closed), "{end}");
+            prop_assert_eq!(got, frames);
+        }
+
+        #[test]
+        fn resp_garbage_never_panics(
+            prefix in prop::collection::vec(frame(), 0..3),
+            garbage in prop::collection::vec(any::<u8>(), 0..256),
+            cuts in prop::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let mut data = Vec::new();
+            for f in &prefix {
+                encode(f, &mut data);
+            }
+            data.extend(&garbage);
+            let (got, _) = read_all(&mut Pieces::new(data, cuts, false));
+            // What came before the garbage is read as it was written.
+            prop_assert_eq!(&got[..prefix.len()], &prefix[..]);
+        }
+
+        #[test]
+        fn resp_garbage_of_resp_bytes_never_panics(
+            garbage in prop::collection::vec(
+                prop::sample::select(b"*$:+-\r\n0123456789-".to_vec()), 0..128),
+        ) {
+            let _ = read_all(&mut Pieces::new(garbage, vec![], false));
+        }
+
+        #[test]
+        fn resp_oversized_bulks_are_refused_before_their_bytes(
+            n in (MAX_BULK as u64 + 1)..=(i64::MAX as u64),
+            in_message in any::<bool>(),
+        ) {
+            let mut data = Vec::new();
+            if in_message {
+                data.extend(b"*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n");
+            }
+            data.extend(format!("${n}\r\nxyz").bytes());
+            let (got, end) = read_all(&mut Pieces::new(data, vec![], false));
+            prop_assert!(got.is_empty());
+            prop_assert!(matches!(end, Error::TooLarge(m) if m == n), "{end}");
+        }
+    }
+
+    #[test]
+    fn resp_a_bulk_of_max_size_is_read_and_its_buffer_given_back() {
+        let payload = vec![b'x'; MAX_BULK];
+        let big = Frame {
+            array: true,
+            items: vec![bulk(b"message"), bulk(b"c"), O::Bulk(payload)],
+        };
+        let small = Frame {
+            array: false,
+            items: vec![O::Simple(b"OK".to_vec())],
+        };
+        let mut data = Vec::new();
+        encode(&big, &mut data);
+        encode(&small, &mut data);
+        let mut src = Pieces::new(data, vec![1000, 70_000], false);
+        let mut r = Reader::new();
+        assert_eq!(owned(&r.read(&mut src).unwrap()), big);
+        assert!(r.buf.len() > MAX_BULK);
+        assert_eq!(owned(&r.read(&mut src).unwrap()), small);
+        assert!(matches!(r.read(&mut src), Err(Error::Closed)));
+        assert_eq!(r.buf.len(), INITIAL_BUF);
+    }
+
+    #[test]
+    fn resp_refuses_what_a_subscription_never_gets() {
+        for (bytes, what) in [
+            (&b"*1\r\n*0\r\n"[..], "a nested array"),
+            (b"*5\r\n", "an array too long"),
+            (b">3\r\n", "an unexpected type byte"),
+            (b"$3\r\nabcd\r\n", "a bulk not ended by CRLF"),
+            (b"+OK\n", "a line not ended by CRLF"),
+            (b":12a\r\n", "a number with a non-digit"),
+            (b":99999999999999999999\r\n", "a number out of range"),
+            (b":999999999999999999999999\r\n", "a line too long"),
+            (b"$-2\r\n", "a negative bulk length"),
+        ] {
+            match read_all(&mut Pieces::new(bytes.to_vec(), vec![], false)) {
+                (got, Error::Protocol(w)) if got.is_empty() => assert_eq!(w, what, "{bytes:?}"),
+                (got, e) => panic!("{bytes:?}: {got:?} {e}"),
+            }
+        }
+        let long = [&b"+"[..], &vec![b'a'; MAX_LINE + 1]].concat();
+        assert!(matches!(
+            read_all(&mut Pieces::new(long, vec![], false)).1,
+            Error::Protocol("a line too long")
+        ));
+    }
+
+    /// A fake Redis on a loopback socket: the AUTH fallback, SUBSCRIBE,
+    /// and messages split and coalesced around pongs and read timeouts.
+    #[test]
+    fn resp_subscription_auths_subscribes_and_reads_messages() {
+        use std::net::TcpListener;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut r = Reader::new();
+            let expect = |s: &mut TcpStream, r: &mut Reader, want: &[&[u8]]| {
+                // Commands are arrays of bulks: a `*N` over MAX_ITEMS is
+                // not needed here.
+                let got = owned(&r.read(s).unwrap());
+                let want: Vec<O> = want.iter().map(|w| bulk(w)).collect();
+                assert_eq!(got.items, want);
+            };
+            expect(&mut s, &mut r, &[b"AUTH", b"u", b"p"]);
+            s.write_all(b"-ERR wrong number of arguments for 'auth' command\r\n")
+                .unwrap();
+            expect(&mut s, &mut r, &[b"AUTH", b"p"]);
+            s.write_all(b"+OK\r\n").unwrap();
+            expect(&mut s, &mut r, &[b"SUBSCRIBE", b"a", b"b"]);
+            s.write_all(b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n*3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n")
+                .unwrap();
+            let msg = b"*3\r\n$7\r\nmessage\r\n$1\r\na\r\n$5\r\nhello\r\n";
+            s.write_all(&msg[..10]).unwrap();
+            std::thread::sleep(Duration::from_millis(80));
+            s.write_all(&msg[10..]).unwrap();
+            s.write_all(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n").unwrap();
+            s.write_all(b"*3\r\n$7\r\nmessage\r\n$1\r\nb\r\n$2\r\n{}\r\n*3\r\n$7\r\nmessage\r\n$1\r\na\r\n$0\r\n\r\n")
+                .unwrap();
+        });
+        let client = redis::Client::open(format!("redis://u:p@127.0.0.1:{port}")).unwrap();
+        let t = Timeouts {
+            connect: Duration::from_secs(2),
+            io: Duration::from_secs(2),
+            poll: Duration::from_millis(20),
+        };
+        let mut sub = Subscription::open(&client, &["a", "b"], t).unwrap();
+        assert!(sub.is_own_reader());
+        let mut got = Vec::new();
+        let mut timeouts = 0;
+        while got.len() < 3 {
+            match sub.next_message() {
+                Ok(Some(m)) => got.push((m.channel.to_vec(), m.payload.to_vec())),
+                Ok(None) => timeouts += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(timeouts > 0);
+        let want: Vec<(Vec<u8>, Vec<u8>)> = vec![
+            (b"a".to_vec(), b"hello".to_vec()),
+            (b"b".to_vec(), b"{}".to_vec()),
+            (b"a".to_vec(), b"".to_vec()),
+        ];
+        assert_eq!(got, want);
+        server.join().unwrap();
+        assert!(matches!(sub.next_message(), Err(Error::Closed)));
+    }
+}
