@@ -409,7 +409,7 @@ enum Link {
     Unix(std::os::unix::net::UnixStream, Reader),
     /// The crate's connection, and the last message read from it (the
     /// slices handed out borrow it).
-    Crate(Box<redis::Connection>, Option<redis::Msg>),
+    Crate(Box<(redis::Connection, Option<redis::Msg>)>),
 }
 
 /// Timeouts of [`Subscription::open`].
@@ -506,7 +506,7 @@ impl Subscription {
             }
         }
         conn.set_read_timeout(Some(t.poll)).map_err(Error::Redis)?;
-        Ok(Subscription(Link::Crate(Box::new(conn), None)))
+        Ok(Subscription(Link::Crate(Box::new((conn, None)))))
     }
 
     /// Whether the fast path (this module's reader) is in use.
@@ -522,7 +522,8 @@ impl Subscription {
             Link::Tcp(s, r) => (r, s),
             #[cfg(unix)]
             Link::Unix(s, r) => (r, s),
-            Link::Crate(conn, last) => {
+            Link::Crate(c) => {
+                let (conn, last) = &mut **c;
                 // A `PubSub` would unsubscribe when dropped (and wait for
                 // Redis to answer): this one only reads, and is never dropped.
                 let mut ps = std::mem::ManuallyDrop::new(conn.as_pubsub());

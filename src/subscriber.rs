@@ -16,12 +16,11 @@
 //! link never brings the marker (it was really dead) what it held is lost.
 //! Either way `--resync-notice` follows, as after a link that closed.
 
-use std::mem::ManuallyDrop;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::{Client, Connection, RedisResult, Value};
+use redis::{Client, Connection, RedisResult};
 
 use crate::config::{Config, RedisTarget};
 use crate::connection::intern_epoch;
@@ -29,6 +28,7 @@ use crate::dispatch::{Delivery, DurableId, Frames, Inbox};
 use crate::history;
 use crate::metrics::Metrics;
 use crate::notice;
+use crate::resp;
 use crate::status::Status;
 
 /// What the subscriber reads and where it delivers.
@@ -67,7 +67,9 @@ struct Link {
 
 /// A subscribed connection and what reading it means.
 struct Sub {
-    conn: Connection,
+    /// Read with `resp`'s reader over a reused buffer (the crate's reader
+    /// zeroes 8 KiB per read); the crate's connection on TLS links.
+    conn: resp::Subscription,
     /// Until this canary comes, the notices on this subscription were
     /// delivered through the link before it (the seam of a stitch), and
     /// are skipped.
@@ -87,18 +89,13 @@ enum Read {
 impl Sub {
     /// Reads one message, or times out after [`POLL_INTERVAL`]; hands a
     /// notice to the loops unless it is before the seam.
-    fn read_one(&mut self, shared: &Ctx, canary: &str) -> RedisResult<Read> {
-        // A `PubSub` would unsubscribe when dropped (and wait for Redis to
-        // answer): this one only reads, and is never dropped.
-        let mut ps = ManuallyDrop::new(self.conn.as_pubsub());
-        let msg = match ps.get_message() {
-            Ok(m) => m,
-            Err(e) if e.is_timeout() => return Ok(Read::Timeout),
-            Err(e) => return Err(e),
+    fn read_one(&mut self, shared: &Ctx, canary: &str) -> Result<Read, resp::Error> {
+        let Some(msg) = self.conn.next_message()? else {
+            return Ok(Read::Timeout);
         };
-        if msg.get_channel_name() == canary {
+        if msg.channel == canary.as_bytes() {
             // Not a number: not ours; it matches nothing.
-            let seq = std::str::from_utf8(msg.get_payload_bytes())
+            let seq = std::str::from_utf8(msg.payload)
                 .ok()
                 .and_then(|t| t.parse().ok())
                 .unwrap_or(0);
@@ -108,10 +105,11 @@ impl Sub {
             return Ok(Read::Canary(seq));
         }
         if self.skip_until.is_none() {
-            if self.durable.as_deref() == Some(msg.get_channel_name()) {
-                self.deliver_durable(shared, msg.get_payload_bytes());
+            if self.durable.as_deref().map(str::as_bytes) == Some(msg.channel) {
+                // `msg` borrows `conn`: only the epoch is lent on.
+                Self::deliver_durable(&mut self.epoch, shared, msg.payload);
             } else {
-                let _ = shared.delivery.handle_payload(msg.get_payload_bytes());
+                let _ = shared.delivery.handle_payload(msg.payload);
             }
         }
         Ok(Read::Notice)
@@ -119,7 +117,7 @@ impl Sub {
 
     /// A durable notice: `{"id":..,"notice":..}` as the function library
     /// published it. Delivered in both forms, built once each.
-    fn deliver_durable(&mut self, shared: &Ctx, payload: &[u8]) {
+    fn deliver_durable(epoch_seen: &mut Option<Arc<str>>, shared: &Ctx, payload: &[u8]) {
         let d = &shared.delivery;
         d.metrics().notices_received.fetch_add(1, Ordering::Relaxed);
         let Some((id, id_str, range)) = history::parse_envelope(payload) else {
@@ -135,7 +133,7 @@ impl Sub {
         let epoch = id_str.split(':').next().unwrap_or_default();
         let id = DurableId {
             id,
-            epoch: intern_epoch(&mut self.epoch, epoch),
+            epoch: intern_epoch(epoch_seen, epoch),
         };
         d.durable().set_last(&id);
         let wrapped = if d.durable().connections.load(Ordering::Relaxed) > 0 {
@@ -255,35 +253,24 @@ fn open_link(client: &Client, shared: &Ctx, canary: &str) -> Result<Link, String
             .get_connection_with_timeout(CONNECT_TIMEOUT)
             .map_err(|e| format!("connect: {e}"))
     };
-    let publisher = connect()?;
-    let mut sub = connect()?;
+    let mut publisher = connect()?;
     let io = Some(IO_TIMEOUT);
     publisher
         .set_read_timeout(io)
         .and_then(|_| publisher.set_write_timeout(io))
-        .and_then(|_| sub.set_write_timeout(io))
-        .and_then(|_| sub.set_read_timeout(io))
         .map_err(|e| format!("socket options: {e}"))?;
-    // One command: Redis writes both confirmations back to back, so no
+    // One command: Redis writes the confirmations back to back, so no
     // message can come between them.
     let durable = shared.durable_channel();
-    let mut subscribe = redis::cmd("SUBSCRIBE");
-    subscribe.arg(&shared.config.channel).arg(canary);
-    if let Some(d) = &durable {
-        subscribe.arg(d);
-    }
-    sub.send_packed_command(&subscribe.get_packed_command())
+    let mut channels = vec![shared.config.channel.as_str(), canary];
+    channels.extend(durable.as_deref());
+    let timeouts = resp::Timeouts {
+        connect: CONNECT_TIMEOUT,
+        io: IO_TIMEOUT,
+        poll: POLL_INTERVAL,
+    };
+    let sub = resp::Subscription::open(client, &channels, timeouts)
         .map_err(|e| format!("subscribe: {e}"))?;
-    for _ in 0..(2 + durable.is_some() as usize) {
-        match sub.recv_response() {
-            Ok(Value::ServerError(e)) => return Err(format!("subscribe: {e}")),
-            Ok(_) => {}
-            Err(e) => return Err(format!("subscribe: {e}")),
-        }
-    }
-    sub.set_read_timeout(Some(POLL_INTERVAL))
-        .map_err(|e| format!("socket options: {e}"))?;
-    let mut publisher = publisher;
     if durable.is_some() {
         load_library(shared, &mut publisher);
     }
