@@ -191,7 +191,7 @@ for case, rs in runs.items():
         print("| Ir / delivery | share of thread | run 2 inclusive Ir | function |")
         print("|---:|---:|---:|---|")
         tot_d = b["threads"][t]["ir"] - a["threads"][t]["ir"]
-        for n, k in diff[:20]:
+        for n, k in diff[:int(os.environ.get("TOP", "20"))]:
             print(f"| {fmt(n/dd)} | {100*n/tot_d:.1f}% | {ib.get(k, 0):,} | `{k[:140]}` |")
         print()
 PY
