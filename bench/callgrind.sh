@@ -10,8 +10,9 @@
 #   bench/callgrind.sh report          # only re-print the summary from $WORK
 #
 # Method. Each run starts a fresh node (--workers 1) under callgrind with one
-# output file per thread (thread 1 main, 2 loop-0, 3 subscriber, 4 admin,
-# 5+ admin-req: the spawn order in src/lib.rs with one loop), connects
+# output file per thread (1 main, then the replayer when history is on,
+# loop-0, subscriber, admin, admin-req...: the spawn order in src/lib.rs
+# with one loop; the loop thread is found by its code), connects
 # $CONNS pushwire-bench clients, zeroes the counters at the bench's
 # --barrier (handshakes excluded), publishes, and dumps when the bench exits
 # (the window holds the publishes, the deliveries, idle ticks, canaries and
@@ -57,8 +58,22 @@ ALLOC_ALL = ALLOC | {"free", "_int_malloc", "_int_free", "_int_realloc", "__libc
 # Thread roots, identical to the thread total.
 WRAPPERS = {"clone", "start_thread", "<std::sys::thread::unix::Thread>::new::thread_start",
             "core::ops::function::FnOnce::call_once{{vtable.shim}}"}
-def tname(t):
-    return {1: "main", 2: "loop-0", 3: "subscriber", 4: "admin"}.get(t, "admin-req")
+def tname(t, loop):
+    # Threads are numbered in spawn order (src/lib.rs): main, the replayer
+    # when history is on, the loop, the subscriber, admin, admin-req. The
+    # loop is found by its code, the others by their place around it.
+    if t == 1:
+        return "main"
+    if t < loop:
+        return "replayer"
+    return {0: "loop-0", 1: "subscriber", 2: "admin"}.get(t - loop, "admin-req")
+
+def loop_thread(paths):
+    for p in paths:
+        with open(p, errors="replace") as f:
+            if any(l.startswith("fn=pushwire::server::Worker::run") for l in f):
+                return int(p.rsplit("-", 1)[1])
+    return 2
 
 SYSCALLS = ["writev", "recv", "read", "write", "epoll_wait", "sendto", "__libc_recv"]
 
@@ -105,10 +120,12 @@ runs = {}
 for meta in sorted(glob.glob(os.path.join(work, "*.meta.json"))):
     m = json.load(open(meta))
     threads = {}
-    for p in sorted(glob.glob(os.path.join(work, f"cg.{m['pid']}.1-*"))):
+    paths = sorted(glob.glob(os.path.join(work, f"cg.{m['pid']}.1-*")))
+    loop = loop_thread(paths)
+    for p in paths:
         t = int(p.rsplit("-", 1)[1])
         ir, a, fr, byc, cal, inc = parse(p)
-        d = threads.setdefault(tname(t), {"ir": 0, "allocs": 0, "frees": 0, "by_caller": {}, "callee": {}, "incl": {}, "files": []})
+        d = threads.setdefault(tname(t, loop), {"ir": 0, "allocs": 0, "frees": 0, "by_caller": {}, "callee": {}, "incl": {}, "files": []})
         for k, v in inc.items():
             d["incl"][k] = d["incl"].get(k, 0) + v
         d["ir"] += ir; d["allocs"] += a; d["frees"] += fr; d["files"].append(p)
@@ -129,7 +146,7 @@ for case, rs in runs.items():
     print("| run | notices sent | deliveries | thread | Ir | allocs | frees |")
     print("|---|---:|---:|---|---:|---:|---:|")
     for m in rs:
-        for t in ("loop-0", "subscriber", "main", "admin", "admin-req"):
+        for t in ("loop-0", "subscriber", "main", "replayer", "admin", "admin-req"):
             if t in m["threads"]:
                 d = m["threads"][t]
                 print(f"| {m['label']} | {m['sent']} | {m['deliveries']} | {t} | {d['ir']:,} | {d['allocs']:,} | {d['frees']:,} |")
@@ -174,7 +191,7 @@ for case, rs in runs.items():
         print("| Ir / delivery | share of thread | run 2 inclusive Ir | function |")
         print("|---:|---:|---:|---|")
         tot_d = b["threads"][t]["ir"] - a["threads"][t]["ir"]
-        for n, k in diff[:20]:
+        for n, k in diff[:int(os.environ.get("TOP", "20"))]:
             print(f"| {fmt(n/dd)} | {100*n/tot_d:.1f}% | {ib.get(k, 0):,} | `{k[:140]}` |")
         print()
 PY

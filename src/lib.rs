@@ -22,6 +22,7 @@ mod presence;
 mod props;
 mod redis_target;
 mod replay;
+mod resp;
 mod sdnotify;
 mod server;
 mod sessions;

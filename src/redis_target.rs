@@ -502,6 +502,20 @@ impl RedisTarget {
         Ok(addr.into_connection_info()?.set_redis_settings(auth))
     }
 
+    /// A client for the master `m` (with Sentinel, as named by them), for a
+    /// connection that checks nothing itself: the subscription, opened
+    /// beside a connection whose `ROLE` was just checked.
+    pub fn client_for_master(&self, m: &Master) -> Result<Client, ConnectError> {
+        let info = match &self.spec.kind {
+            Kind::Direct(info) => info.clone(),
+            Kind::Sentinel(s) => self
+                .node_info(m, s.master.clone())
+                .map_err(|e| ConnectError(e.to_string()))?,
+        };
+        self.client_for(info)
+            .map_err(|e| ConnectError(format!("{m}: {e}")))
+    }
+
     fn client_for(&self, info: ConnectionInfo) -> RedisResult<Client> {
         #[cfg(feature = "tls")]
         if let Some(certs) = &self.spec.tls.certs {

@@ -25,12 +25,11 @@
 //! proof. The master a canary proved is recorded in the target, and the
 //! other Redis users (`POST /publish`, the history reader) follow it.
 
-use std::mem::ManuallyDrop;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::{Connection, RedisResult, Value};
+use redis::{Connection, RedisResult};
 
 use crate::config::{Config, RedisTarget};
 use crate::connection::intern_epoch;
@@ -39,6 +38,7 @@ use crate::history;
 use crate::metrics::Metrics;
 use crate::notice;
 use crate::redis_target::{self, Master, RoleError};
+use crate::resp;
 use crate::status::Status;
 
 /// What the subscriber reads and where it delivers.
@@ -79,7 +79,9 @@ struct Link {
 
 /// A subscribed connection and what reading it means.
 struct Sub {
-    conn: Connection,
+    /// Read with `resp`'s reader over a reused buffer (the crate's reader
+    /// zeroes 8 KiB per read); the crate's connection on TLS links.
+    conn: resp::Subscription,
     /// Until this canary comes, the notices on this subscription were
     /// delivered through the link before it (the seam of a stitch), and
     /// are skipped.
@@ -99,18 +101,13 @@ enum Read {
 impl Sub {
     /// Reads one message, or times out after [`POLL_INTERVAL`]; hands a
     /// notice to the loops unless it is before the seam.
-    fn read_one(&mut self, shared: &Ctx, canary: &str) -> RedisResult<Read> {
-        // A `PubSub` would unsubscribe when dropped (and wait for Redis to
-        // answer): this one only reads, and is never dropped.
-        let mut ps = ManuallyDrop::new(self.conn.as_pubsub());
-        let msg = match ps.get_message() {
-            Ok(m) => m,
-            Err(e) if e.is_timeout() => return Ok(Read::Timeout),
-            Err(e) => return Err(e),
+    fn read_one(&mut self, shared: &Ctx, canary: &str) -> Result<Read, resp::Error> {
+        let Some(msg) = self.conn.next_message()? else {
+            return Ok(Read::Timeout);
         };
-        if msg.get_channel_name() == canary {
+        if msg.channel == canary.as_bytes() {
             // Not a number: not ours; it matches nothing.
-            let seq = std::str::from_utf8(msg.get_payload_bytes())
+            let seq = std::str::from_utf8(msg.payload)
                 .ok()
                 .and_then(|t| t.parse().ok())
                 .unwrap_or(0);
@@ -120,10 +117,11 @@ impl Sub {
             return Ok(Read::Canary(seq));
         }
         if self.skip_until.is_none() {
-            if self.durable.as_deref() == Some(msg.get_channel_name()) {
-                self.deliver_durable(shared, msg.get_payload_bytes());
+            if self.durable.as_deref().map(str::as_bytes) == Some(msg.channel) {
+                // `msg` borrows `conn`: only the epoch is lent on.
+                Self::deliver_durable(&mut self.epoch, shared, msg.payload);
             } else {
-                let _ = shared.delivery.handle_payload(msg.get_payload_bytes());
+                let _ = shared.delivery.handle_payload(msg.payload);
             }
         }
         Ok(Read::Notice)
@@ -131,7 +129,7 @@ impl Sub {
 
     /// A durable notice: `{"id":..,"notice":..}` as the function library
     /// published it. Delivered in both forms, built once each.
-    fn deliver_durable(&mut self, shared: &Ctx, payload: &[u8]) {
+    fn deliver_durable(epoch_seen: &mut Option<Arc<str>>, shared: &Ctx, payload: &[u8]) {
         let d = &shared.delivery;
         d.metrics().notices_received.fetch_add(1, Ordering::Relaxed);
         let Some((id, id_str, range)) = history::parse_envelope(payload) else {
@@ -147,7 +145,7 @@ impl Sub {
         let epoch = id_str.split(':').next().unwrap_or_default();
         let id = DurableId {
             id,
-            epoch: intern_epoch(&mut self.epoch, epoch),
+            epoch: intern_epoch(epoch_seen, epoch),
         };
         d.durable().set_last(&id);
         let wrapped = if d.durable().connections.load(Ordering::Relaxed) > 0 {
@@ -308,37 +306,27 @@ fn open_link(target: &RedisTarget, shared: &Ctx, canary: &str) -> Result<Link, S
         .find_master(CONNECT_TIMEOUT)
         .map_err(|e| format!("connect: {e}"))?;
     let master = found.master;
-    let publisher = found.conn;
-    let mut sub = target
-        .connect_to(&master, CONNECT_TIMEOUT)
-        .map_err(|e| format!("connect: {e}"))?;
+    let mut publisher = found.conn;
     let io = Some(IO_TIMEOUT);
     publisher
         .set_read_timeout(io)
         .and_then(|_| publisher.set_write_timeout(io))
-        .and_then(|_| sub.set_write_timeout(io))
-        .and_then(|_| sub.set_read_timeout(io))
         .map_err(|e| format!("socket options: {e}"))?;
-    // One command: Redis writes both confirmations back to back, so no
+    // One command: Redis writes the confirmations back to back, so no
     // message can come between them.
     let durable = shared.durable_channel();
-    let mut subscribe = redis::cmd("SUBSCRIBE");
-    subscribe.arg(&shared.config.channel).arg(canary);
-    if let Some(d) = &durable {
-        subscribe.arg(d);
-    }
-    sub.send_packed_command(&subscribe.get_packed_command())
+    let mut channels = vec![shared.config.channel.as_str(), canary];
+    channels.extend(durable.as_deref());
+    let timeouts = resp::Timeouts {
+        connect: CONNECT_TIMEOUT,
+        io: IO_TIMEOUT,
+        poll: POLL_INTERVAL,
+    };
+    let client = target
+        .client_for_master(&master)
+        .map_err(|e| format!("connect: {e}"))?;
+    let sub = resp::Subscription::open(&client, &channels, timeouts)
         .map_err(|e| format!("subscribe: {e}"))?;
-    for _ in 0..(2 + durable.is_some() as usize) {
-        match sub.recv_response() {
-            Ok(Value::ServerError(e)) => return Err(format!("subscribe: {e}")),
-            Ok(_) => {}
-            Err(e) => return Err(format!("subscribe: {e}")),
-        }
-    }
-    sub.set_read_timeout(Some(POLL_INTERVAL))
-        .map_err(|e| format!("socket options: {e}"))?;
-    let mut publisher = publisher;
     if durable.is_some() {
         load_library(shared, &mut publisher)?;
     }
