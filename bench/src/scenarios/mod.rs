@@ -41,6 +41,7 @@ pub fn client_cfg(o: &Opts, raw_targets: Option<Vec<Target>>) -> Result<ClientCf
         user_header: o.user_header.clone(),
         raw,
         timeout_ns: (o.timeout * 1e9) as u64,
+        since: o.durable,
     })
 }
 
@@ -60,6 +61,7 @@ pub fn connect_phase(o: &Opts, cfg: ClientCfg, rate: f64) -> Result<Connected, S
             user: (o.user_offset + i % users) as u32,
             target: (i % ntargets) as u16,
             src: src_for(i + o.user_offset),
+            resume: None,
         })
         .collect();
     clients.connect(specs, rate);
