@@ -17,11 +17,13 @@ use crate::wire::{check_loopback_url, parse_ws_url, src_for, ClientCfg, Target};
 mod broadcast;
 mod idle;
 mod limit;
+mod storm;
 mod targeted;
 
 pub use broadcast::broadcast;
 pub use idle::idle;
 pub use limit::{limit, limit_serve};
+pub use storm::storm;
 pub use targeted::targeted;
 
 pub fn client_cfg(o: &Opts, raw_targets: Option<Vec<Target>>) -> Result<ClientCfg, String> {
