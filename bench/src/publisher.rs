@@ -118,7 +118,11 @@ pub fn publish(p: Pub, mut make: MakeNotice) -> JoinHandle<Result<PubReport, Str
                         Some(f) => pipe.cmd("FCALL").arg(f).arg(0).arg(&buf[..]),
                     };
                 }
-                let what = if p.function.is_some() { "FCALL" } else { "PUBLISH" };
+                let what = if p.function.is_some() {
+                    "FCALL"
+                } else {
+                    "PUBLISH"
+                };
                 let r: Vec<redis::Value> =
                     pipe.query(&mut con).map_err(|e| format!("{what}: {e}"))?;
                 for x in r {

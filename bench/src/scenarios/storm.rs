@@ -157,7 +157,8 @@ pub fn storm(o: &Opts) -> Result<(), String> {
         .collect();
     let storm = start(o, specs, o.threads, crate_rate)?;
     wait_done(&storm, n, "storm clients on A", Duration::from_secs(60));
-    let live_users: Arc<Vec<u32>> = Arc::new((0..nlive as u32).map(|j| base + n as u32 + j).collect());
+    let live_users: Arc<Vec<u32>> =
+        Arc::new((0..nlive as u32).map(|j| base + n as u32 + j).collect());
     let live = if nlive > 0 {
         let specs = live_users
             .iter()
@@ -170,7 +171,12 @@ pub fn storm(o: &Opts) -> Result<(), String> {
             })
             .collect();
         let l = start(o, specs, 1, crate_rate)?;
-        wait_done(&l, nlive as u64, "live clients on B", Duration::from_secs(60));
+        wait_done(
+            &l,
+            nlive as u64,
+            "live clients on B",
+            Duration::from_secs(60),
+        );
         Some(l)
     } else {
         None
@@ -197,12 +203,17 @@ pub fn storm(o: &Opts) -> Result<(), String> {
 
     // Prime: one durable notice per storm user, so each has a last id.
     let (p, make) = durable_pub(o, &redis, 0.0, n, 0, move |s| base + s as u32);
-    publish(p, make).join().map_err(|_| "publisher panicked")??;
+    publish(p, make)
+        .join()
+        .map_err(|_| "publisher panicked")??;
     wait_frames(&storm, n, Duration::from_secs(30));
     let st0 = storm.collect(None);
     r.row(
         "primed",
-        format!("{} of {n} storm clients have a last id", st0.frames - st0.no_id),
+        format!(
+            "{} of {n} storm clients have a last id",
+            st0.frames - st0.no_id
+        ),
     );
 
     // Baseline: live notices to the other users before the storm.
@@ -214,7 +225,9 @@ pub fn storm(o: &Opts) -> Result<(), String> {
         let lu = live_users.clone();
         let (p, make) = durable_pub(o, &redis, live_rate, count, 0, move |s| user_for(&lu, s));
         let w = Window::start(&probe);
-        let rep = publish(p, make).join().map_err(|_| "publisher panicked")??;
+        let rep = publish(p, make)
+            .join()
+            .map_err(|_| "publisher panicked")??;
         let cpu = w.end(&probe);
         wait_frames(l, rep.sent, Duration::from_secs_f64(o.drain));
         let st = l.collect(None);
@@ -290,7 +303,9 @@ pub fn storm(o: &Opts) -> Result<(), String> {
     let (p, make) = durable_pub(o, &redis, 0.0, n * k, n, move |s| {
         base + ((s - n) % n) as u32
     });
-    let rep = publish(p, make).join().map_err(|_| "publisher panicked")??;
+    let rep = publish(p, make)
+        .join()
+        .map_err(|_| "publisher panicked")??;
     let cpu_missed = w.end(&probe);
     r.row(
         "missed notices published",
@@ -340,8 +355,14 @@ pub fn storm(o: &Opts) -> Result<(), String> {
     let (p, make) = durable_pub(o, &redis, 0.0, n, after0, move |s| {
         base + (s - after0) as u32
     });
-    publish(p, make).join().map_err(|_| "publisher panicked")??;
-    wait_frames(&storm, st.frames + n, Duration::from_secs_f64(o.drain + 5.0));
+    publish(p, make)
+        .join()
+        .map_err(|_| "publisher panicked")??;
+    wait_frames(
+        &storm,
+        st.frames + n,
+        Duration::from_secs_f64(o.drain + 5.0),
+    );
     let st = storm.collect(None);
 
     // Checks.

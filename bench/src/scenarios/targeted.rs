@@ -215,9 +215,10 @@ pub fn targeted(o: &Opts, name: &str) -> Result<(), String> {
             "CPU per notice",
             format!(
                 "node {} us, redis {} us",
-                s.cpu
-                    .server_ns()
-                    .map_or("n/a".into(), |n| format!("{:.2}", n / s.sent.max(1) as f64 / 1e3)),
+                s.cpu.server_ns().map_or("n/a".into(), |n| format!(
+                    "{:.2}",
+                    n / s.sent.max(1) as f64 / 1e3
+                )),
                 s.cpu
                     .redis_ns()
                     .map_or("n/a (give --redis-pid)".into(), |n| format!(
