@@ -16,10 +16,10 @@ use crossbeam_channel::Receiver;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::clients::{Cmd, Ctl, Spec};
+use crate::clients::{Cmd, Ctl, Resume, Spec};
 use crate::os::mono_ns;
 use crate::stats::Stats;
-use crate::wire::{find, masked_frame, open_socket, short_err, ClientCfg, WS_ACCEPT};
+use crate::wire::{find, json_num, masked_frame, open_socket, short_err, ClientCfg, WS_ACCEPT};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum St {
@@ -38,6 +38,14 @@ pub struct Conn {
     /// Bytes a write could not take yet.
     out: Vec<u8>,
     target: u16,
+    src: u8,
+    /// Durable clients: the last id and seq seen, whether this connection
+    /// came back with `since=<id>`, frames before its status frame.
+    last_id: String,
+    last_seq: Option<u64>,
+    resumed: bool,
+    pre_status: u64,
+    status_seen: bool,
 }
 
 pub const WAKE: Token = Token(usize::MAX - 1);
@@ -57,6 +65,8 @@ pub struct ClientLoop {
     pub scratch: Vec<u8>,
     pub frames_reported: u64,
     pub last_scan: u64,
+    /// Durable connections the server dropped, kept for `Cmd::Reconnect`.
+    pub dead: Vec<Spec>,
 }
 
 impl ClientLoop {
@@ -112,6 +122,16 @@ impl ClientLoop {
                         let _ = tx.send(users);
                     }
                     Cmd::CloseAll => self.close_all(),
+                    Cmd::Reconnect(target, rate) => {
+                        let mut dead = std::mem::take(&mut self.dead);
+                        for s in &mut dead {
+                            s.target = target;
+                        }
+                        self.queue.extend(dead);
+                        self.rate = rate;
+                        self.pace_start = mono_ns();
+                        self.paced = 0;
+                    }
                     Cmd::Stop => return,
                 }
             }
@@ -179,6 +199,8 @@ impl ClientLoop {
             self.ctl.done.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        let resumed = spec.resume.is_some();
+        let r = spec.resume.map(|b| *b).unwrap_or_default();
         self.conns[slot] = Some(Conn {
             sock,
             user: spec.user,
@@ -187,6 +209,12 @@ impl ClientLoop {
             inbuf: Vec::new(),
             out: Vec::new(),
             target: spec.target,
+            src: spec.src,
+            last_id: r.last_id,
+            last_seq: r.last_seq,
+            resumed,
+            pre_status: 0,
+            status_seen: false,
         });
     }
 
@@ -201,11 +229,77 @@ impl ClientLoop {
             if c.st == St::Open {
                 self.stats.dropped_open += 1;
                 self.ctl.open.fetch_sub(1, Ordering::Relaxed);
+                self.keep_dead(c);
             } else {
                 self.stats.fail(why);
                 self.ctl.done.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// A durable connection the server dropped: kept to come back with
+    /// its last id.
+    fn keep_dead(&mut self, c: Conn) {
+        if self.cfg.since {
+            self.dead.push(Spec {
+                user: c.user,
+                target: c.target,
+                src: c.src,
+                resume: Some(Box::new(Resume {
+                    last_id: c.last_id,
+                    last_seq: c.last_seq,
+                })),
+            });
+        }
+    }
+
+    /// A text frame on a durable connection: the envelope's id and seq
+    /// (order per connection), or the status frame after a recovery.
+    fn on_durable(&mut self, slot: usize, p: &[u8], now: u64) {
+        let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let st = &mut self.stats;
+        if p.starts_with(b"{\"recovered\"") {
+            st.frames += 1;
+            let ok = find(p, b"true").is_some();
+            let n = json_num(p, b"\"replayed\":").unwrap_or(0);
+            if ok {
+                st.status_ok += 1;
+                if n != conn.pre_status {
+                    st.replayed_mismatch += 1;
+                }
+            } else {
+                st.status_missed += 1;
+            }
+            if conn.status_seen || !conn.resumed {
+                st.status_unexpected += 1;
+            }
+            st.replayed_sum += n;
+            conn.status_seen = true;
+            st.recover.record(now.saturating_sub(conn.started));
+            st.last_recovered = st.last_recovered.max(now);
+            return;
+        }
+        match p
+            .strip_prefix(b"{\"id\":\"")
+            .and_then(|r| r.iter().position(|&b| b == b'"').map(|e| &r[..e]))
+        {
+            Some(id) => conn.last_id = String::from_utf8_lossy(id).into_owned(),
+            None => st.no_id += 1,
+        }
+        if let Some(seq) = json_num(p, b"\"seq\":") {
+            if conn.last_seq.is_some_and(|l| seq <= l) {
+                st.order_errors += 1;
+            }
+            conn.last_seq = Some(conn.last_seq.map_or(seq, |l| l.max(seq)));
+            if conn.resumed && !conn.status_seen {
+                conn.pre_status += 1;
+                st.replay_frames += 1;
+            }
+        }
+        let user = conn.user;
+        self.stats.on_text(user, p, now);
     }
 
     pub fn opened(&mut self, slot: usize, now: u64) {
@@ -239,9 +333,11 @@ impl ClientLoop {
             if self.cfg.raw {
                 self.opened(slot, mono_ns());
             } else {
-                let req = self
-                    .cfg
-                    .request(&self.cfg.targets[conn.target as usize], conn.user);
+                let req = self.cfg.request(
+                    &self.cfg.targets[conn.target as usize],
+                    conn.user,
+                    &conn.last_id,
+                );
                 conn.st = St::Handshake;
                 if !self.write(slot, &req) {
                     return;
@@ -446,6 +542,7 @@ impl ClientLoop {
             let payload = &rest[hl..total];
             pos += total;
             match b0 & 0x0f {
+                0x1 if self.cfg.since => self.on_durable(slot, payload, now),
                 0x1 => self.stats.on_text(user, payload, now),
                 0x9 => {
                     self.stats.pings += 1;
@@ -467,6 +564,7 @@ impl ClientLoop {
                         let _ = c.sock.write(&reply);
                         self.free.push(slot);
                         self.ctl.open.fetch_sub(1, Ordering::Relaxed);
+                        self.keep_dead(c);
                     }
                     return (pos, false);
                 }

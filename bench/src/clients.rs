@@ -18,11 +18,20 @@ use crate::client::{ClientLoop, WAKE};
 use crate::stats::Stats;
 use crate::wire::ClientCfg;
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct Spec {
     pub user: u32,
     pub target: u16,
     pub src: u8,
+    /// A durable client coming back: `since=<last_id>` on its URL.
+    pub resume: Option<Box<Resume>>,
+}
+
+/// What a durable client keeps across a reconnect.
+#[derive(Clone, Default)]
+pub struct Resume {
+    pub last_id: String,
+    pub last_seq: Option<u64>,
 }
 
 pub enum Cmd {
@@ -31,6 +40,9 @@ pub enum Cmd {
     Collect(Option<u64>, Sender<Stats>),
     OpenUsers(Sender<Vec<u32>>),
     CloseAll,
+    /// Every durable connection the server dropped, again, to this target
+    /// with its last id, at this rate (0: all at once).
+    Reconnect(u16, f64),
     Stop,
 }
 
@@ -73,6 +85,7 @@ impl Clients {
                 scratch: vec![0; 64 * 1024],
                 frames_reported: 0,
                 last_scan: 0,
+                dead: Vec::new(),
             };
             joins.push(
                 std::thread::Builder::new()
@@ -138,6 +151,13 @@ impl Clients {
 
     pub fn frames(&self) -> u64 {
         self.ctl.frames.load(Ordering::Relaxed)
+    }
+
+    pub fn reconnect(&self, target: u16, rate: f64) {
+        let t = self.txs.len();
+        for i in 0..t {
+            self.send(i, Cmd::Reconnect(target, rate / t as f64));
+        }
     }
 
     pub fn close_all(&self) {

@@ -59,6 +59,7 @@ fn main() {
             }
         }
         "broadcast" => scenarios::broadcast(&o),
+        "storm" => scenarios::storm(&o),
         "limit" => scenarios::limit(&o),
         "limit-serve" => scenarios::limit_serve(&o),
         other => Err(format!("unknown scenario {other} (see --help)")),

@@ -21,6 +21,15 @@ SCENARIOS
   broadcast  N connections, M broadcast notices: deliveries/s, time until
              the last connection has each notice (p50/p99)
   two-nodes  targeted over two --url (users spread over both nodes)
+  storm      reconnect storm of durable clients (SPEC 8): --connections N
+             clients on node A (first --url) with since, each gets one
+             durable notice, then A is SIGKILLed (--kill-pid), --missed K
+             durable notices per user are published, and all N reconnect
+             at once to node B (second --url) with their last id; checks
+             exactly once, in order, the status frame; reports the time to
+             the last recovered, Redis CPU and peak memory, node B CPU, and
+             the delivery p99 of --live-users other users on B that get
+             durable notices at --live-rate meanwhile
   limit      the broadcast of M frames to N connections written by a bare
              mio writer of pre-framed bytes (a child process of this bench),
              no WebSocket library and no Redis: what the kernel allows
@@ -47,6 +56,15 @@ OPTIONS
   --max                targeted: step the rate up (x1.5) until it fails
   --p99-ms MS          --max pass criterion [10]
   --pad BYTES          extra bytes of text in each notice [0]
+  --durable            targeted/two-nodes: publish with FCALL <prefix>_publish 0
+                       (SPEC 8) instead of PUBLISH, clients connect with since=
+                       and unwrap {\"id\",\"notice\"}; order checked per connection
+  --key-prefix P       the node's --key-prefix, for the function name [pushwire]
+  --redis-pid PID      read Redis's CPU ticks and RSS from /proc/PID
+  --kill-pid PID       storm: the node A process to SIGKILL
+  --missed K           storm: durable notices each user misses [5]
+  --live-users N       storm: other users on node B [1000]
+  --live-rate R        storm: durable notices/s to them during it [1000]
   --batch B            limit: frames per write per connection [1]
   --timeout S          connect/handshake timeout per connection [30]
   --drain S            wait for late deliveries after publishing [3]
@@ -87,6 +105,13 @@ pub struct Opts {
     pub p99_ms: f64,
     pub pad: usize,
     pub batch: usize,
+    pub durable: bool,
+    pub key_prefix: String,
+    pub redis_pid: Option<u32>,
+    pub kill_pid: Option<u32>,
+    pub missed: usize,
+    pub live_users: usize,
+    pub live_rate: f64,
     pub timeout: f64,
     pub drain: f64,
     pub publish: bool,
@@ -119,6 +144,13 @@ pub fn parse_opts(args: Vec<OsString>) -> Result<Opts, String> {
         p99_ms: 10.0,
         pad: 0,
         batch: 1,
+        durable: false,
+        key_prefix: "pushwire".into(),
+        redis_pid: None,
+        kill_pid: None,
+        missed: 5,
+        live_users: 1000,
+        live_rate: 1000.0,
         timeout: 30.0,
         drain: 3.0,
         publish: true,
@@ -172,6 +204,13 @@ pub fn parse_opts(args: Vec<OsString>) -> Result<Opts, String> {
             Long("p99-ms") => o.p99_ms = num("p99-ms", p.value().map_err(e)?)?,
             Long("pad") => o.pad = num("pad", p.value().map_err(e)?)?,
             Long("batch") => o.batch = num("batch", p.value().map_err(e)?)?,
+            Long("durable") => o.durable = true,
+            Long("key-prefix") => o.key_prefix = text(p.value().map_err(e)?)?,
+            Long("redis-pid") => o.redis_pid = Some(num("redis-pid", p.value().map_err(e)?)?),
+            Long("kill-pid") => o.kill_pid = Some(num("kill-pid", p.value().map_err(e)?)?),
+            Long("missed") => o.missed = num("missed", p.value().map_err(e)?)?,
+            Long("live-users") => o.live_users = num("live-users", p.value().map_err(e)?)?,
+            Long("live-rate") => o.live_rate = num("live-rate", p.value().map_err(e)?)?,
             Long("timeout") => o.timeout = num("timeout", p.value().map_err(e)?)?,
             Long("drain") => o.drain = num("drain", p.value().map_err(e)?)?,
             Long("no-publish") => o.publish = false,
@@ -183,7 +222,7 @@ pub fn parse_opts(args: Vec<OsString>) -> Result<Opts, String> {
     }
     if o.scenario.is_empty() {
         return Err(
-            "give a scenario: idle, connect, targeted, broadcast, two-nodes, limit (see --help)"
+            "give a scenario: idle, connect, targeted, broadcast, two-nodes, storm, limit (see --help)"
                 .into(),
         );
     }

@@ -47,6 +47,7 @@ fn metric(body: &str, name: &str) -> Option<f64> {
 pub struct Probe {
     pub pids: Vec<u32>,
     pub admins: Vec<String>,
+    pub redis_pid: Option<u32>,
 }
 
 impl Probe {
@@ -54,6 +55,7 @@ impl Probe {
         Probe {
             pids: o.pids.clone(),
             admins: o.admins.clone(),
+            redis_pid: o.redis_pid,
         }
     }
 
@@ -108,6 +110,7 @@ pub struct Window {
     pub threads: BTreeMap<String, u64>,
     pub machine: Option<(u64, u64)>,
     pub syscw: Option<u64>,
+    redis: Option<u64>,
 }
 
 /// A measurement window: seconds, bench CPU %, server CPU % and the
@@ -122,12 +125,19 @@ pub struct Cpu {
     pub machine: Option<f64>,
     /// Write system calls the server made in the window.
     pub writes: Option<u64>,
+    /// Redis (`--redis-pid`), in % of one core.
+    pub redis: Option<f64>,
 }
 
 impl Cpu {
     /// Server CPU time in nanoseconds over the window.
     pub fn server_ns(&self) -> Option<f64> {
         self.server.map(|p| p / 100.0 * self.secs * 1e9)
+    }
+
+    /// Redis CPU time in nanoseconds over the window.
+    pub fn redis_ns(&self) -> Option<f64> {
+        self.redis.map(|p| p / 100.0 * self.secs * 1e9)
     }
 }
 
@@ -144,6 +154,7 @@ impl Window {
             threads,
             machine: machine_ticks(),
             syscw: p.syscw(),
+            redis: p.redis_pid.and_then(proc_cpu_ticks),
         }
     }
 
@@ -177,7 +188,12 @@ impl Window {
             (Some(a), Some(b)) => Some(b.saturating_sub(a)),
             _ => None,
         };
+        let redis = match (self.redis, p.redis_pid.and_then(proc_cpu_ticks)) {
+            (Some(a), Some(b)) => Some(pct(b.saturating_sub(a))),
+            _ => None,
+        };
         Cpu {
+            redis,
             secs: wall / 1e9,
             bench: me,
             server: srv,

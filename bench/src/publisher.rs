@@ -5,6 +5,8 @@
 //! targeted notice goes to is a function of its seq, so the checker
 //! recomputes it instead of storing it.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -30,6 +32,36 @@ impl PubReport {
 
 pub type MakeNotice = Box<dyn FnMut(u64, u64, &mut Vec<u8>) + Send>;
 
+/// How a publisher thread publishes.
+pub struct Pub {
+    pub url: String,
+    pub channel: String,
+    /// Some(function): `FCALL function 0 notice` (SPEC 8) instead of PUBLISH.
+    pub function: Option<String>,
+    pub rate: f64,
+    pub count: u64,
+    pub seq0: u64,
+    /// Set to stop early (the count is then an upper bound).
+    pub stop: Option<Arc<AtomicBool>>,
+    /// Notices sent so far, for the main thread to read.
+    pub progress: Option<Arc<AtomicU64>>,
+}
+
+impl Pub {
+    pub fn new(url: String, channel: String, rate: f64, count: u64, seq0: u64) -> Pub {
+        Pub {
+            url,
+            channel,
+            function: None,
+            rate,
+            count,
+            seq0,
+            stop: None,
+            progress: None,
+        }
+    }
+}
+
 /// PUBLISHes `count` notices at `rate`/s (0: all at once) in pipelined
 /// batches, from a thread of its own. `make(seq, t, buf)` writes one notice.
 pub fn publisher(
@@ -38,12 +70,19 @@ pub fn publisher(
     rate: f64,
     count: u64,
     seq0: u64,
-    mut make: MakeNotice,
+    make: MakeNotice,
 ) -> JoinHandle<Result<PubReport, String>> {
+    publish(Pub::new(url, channel, rate, count, seq0), make)
+}
+
+/// As [`publisher`], with every knob of [`Pub`]. With a function, the
+/// replies are ids and `min_receivers` is -1 (FCALL does not count them).
+pub fn publish(p: Pub, mut make: MakeNotice) -> JoinHandle<Result<PubReport, String>> {
     std::thread::Builder::new()
         .name("publisher".into())
         .spawn(move || {
-            let client = redis::Client::open(url.as_str()).map_err(|e| format!("redis: {e}"))?;
+            let (rate, count, seq0) = (p.rate, p.count, p.seq0);
+            let client = redis::Client::open(p.url.as_str()).map_err(|e| format!("redis: {e}"))?;
             let mut con = client
                 .get_connection_with_timeout(Duration::from_secs(5))
                 .map_err(|e| format!("redis: {e}"))?;
@@ -52,6 +91,9 @@ pub fn publisher(
             let mut min_receivers = i64::MAX;
             let mut buf = Vec::with_capacity(256);
             while sent < count {
+                if p.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
+                    break;
+                }
                 let now = mono_ns();
                 let due = if rate <= 0.0 {
                     count
@@ -71,13 +113,31 @@ pub fn publisher(
                 for k in 0..n {
                     buf.clear();
                     make(seq0 + sent + k, t, &mut buf);
-                    pipe.cmd("PUBLISH").arg(&channel).arg(&buf[..]);
+                    match &p.function {
+                        None => pipe.cmd("PUBLISH").arg(&p.channel).arg(&buf[..]),
+                        Some(f) => pipe.cmd("FCALL").arg(f).arg(0).arg(&buf[..]),
+                    };
                 }
-                let r: Vec<i64> = pipe.query(&mut con).map_err(|e| format!("PUBLISH: {e}"))?;
+                let what = if p.function.is_some() {
+                    "FCALL"
+                } else {
+                    "PUBLISH"
+                };
+                let r: Vec<redis::Value> =
+                    pipe.query(&mut con).map_err(|e| format!("{what}: {e}"))?;
                 for x in r {
-                    min_receivers = min_receivers.min(x);
+                    match x {
+                        redis::Value::Int(x) => min_receivers = min_receivers.min(x),
+                        redis::Value::ServerError(e) => {
+                            return Err(format!("{what}: {:?}", e.details()))
+                        }
+                        _ => min_receivers = -1,
+                    }
                 }
                 sent += n;
+                if let Some(pr) = &p.progress {
+                    pr.store(sent, Ordering::Relaxed);
+                }
             }
             Ok(PubReport {
                 sent,

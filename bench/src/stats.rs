@@ -39,6 +39,17 @@ pub struct Stats {
     pub min_t: u64,
     first_rx: u64,
     pub last_rx: u64,
+    // Durable clients (SPEC 8).
+    pub order_errors: u64,
+    pub no_id: u64,
+    pub status_ok: u64,
+    pub status_missed: u64,
+    pub status_unexpected: u64,
+    pub replayed_sum: u64,
+    pub replay_frames: u64,
+    pub replayed_mismatch: u64,
+    pub recover: Hist,
+    pub last_recovered: u64,
 }
 
 impl Stats {
@@ -64,6 +75,8 @@ impl Stats {
         self.min_t = 0;
         self.first_rx = 0;
         self.last_rx = 0;
+        self.order_errors = 0;
+        self.no_id = 0;
     }
 
     pub fn merge(&mut self, o: &Stats) {
@@ -107,6 +120,16 @@ impl Stats {
         self.min_t = lo(self.min_t, o.min_t);
         self.first_rx = lo(self.first_rx, o.first_rx);
         self.last_rx = self.last_rx.max(o.last_rx);
+        self.order_errors += o.order_errors;
+        self.no_id += o.no_id;
+        self.status_ok += o.status_ok;
+        self.status_missed += o.status_missed;
+        self.status_unexpected += o.status_unexpected;
+        self.replayed_sum += o.replayed_sum;
+        self.replay_frames += o.replay_frames;
+        self.replayed_mismatch += o.replayed_mismatch;
+        self.recover.merge(&o.recover);
+        self.last_recovered = self.last_recovered.max(o.last_recovered);
     }
 }
 

@@ -85,11 +85,17 @@ pub struct ClientCfg {
     /// No WebSocket handshake: open once TCP connects (the `limit` scenario).
     pub raw: bool,
     pub timeout_ns: u64,
+    /// Durable clients (SPEC 8): `since=` (or `since=<last id>`) on the URL.
+    pub since: bool,
 }
 
 impl ClientCfg {
-    pub fn request(&self, t: &Target, user: u32) -> Vec<u8> {
+    pub fn request(&self, t: &Target, user: u32, last_id: &str) -> Vec<u8> {
         let mut path = t.path.clone();
+        if self.since {
+            let sep = if path.contains('?') { '&' } else { '?' };
+            path.push_str(&format!("{sep}since={last_id}"));
+        }
         let sep = if path.contains('?') { '&' } else { '?' };
         let mut extra = String::new();
         match self.auth {

@@ -73,6 +73,7 @@ pub fn limit(o: &Opts) -> Result<(), String> {
     let probe = Probe {
         pids: vec![child.id()],
         admins: Vec::new(),
+        redis_pid: None,
     };
     let rss0 = probe.rss();
     let c = connect_phase(

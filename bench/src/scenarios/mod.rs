@@ -17,11 +17,13 @@ use crate::wire::{check_loopback_url, parse_ws_url, src_for, ClientCfg, Target};
 mod broadcast;
 mod idle;
 mod limit;
+mod storm;
 mod targeted;
 
 pub use broadcast::broadcast;
 pub use idle::idle;
 pub use limit::{limit, limit_serve};
+pub use storm::storm;
 pub use targeted::targeted;
 
 pub fn client_cfg(o: &Opts, raw_targets: Option<Vec<Target>>) -> Result<ClientCfg, String> {
@@ -41,6 +43,7 @@ pub fn client_cfg(o: &Opts, raw_targets: Option<Vec<Target>>) -> Result<ClientCf
         user_header: o.user_header.clone(),
         raw,
         timeout_ns: (o.timeout * 1e9) as u64,
+        since: o.durable,
     })
 }
 
@@ -60,6 +63,7 @@ pub fn connect_phase(o: &Opts, cfg: ClientCfg, rate: f64) -> Result<Connected, S
             user: (o.user_offset + i % users) as u32,
             target: (i % ntargets) as u16,
             src: src_for(i + o.user_offset),
+            resume: None,
         })
         .collect();
     clients.connect(specs, rate);

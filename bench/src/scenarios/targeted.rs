@@ -15,7 +15,7 @@ use crate::clients::Clients;
 use crate::histogram::{hist_json, hist_line, ms, Hist};
 use crate::options::Opts;
 use crate::probe::{Cpu, Probe, Window};
-use crate::publisher::{pad_text, publisher, user_for, wait_subscribers, MakeNotice};
+use crate::publisher::{pad_text, publish, user_for, wait_subscribers, MakeNotice, Pub};
 use crate::report::{connect_rows, cpu_rows, life_rows, mib, opt_f, Report};
 use crate::scenarios::{barrier, client_cfg, connect_phase, need_redis};
 
@@ -27,6 +27,7 @@ struct Step {
     pub lost: u64,
     dup: u64,
     pub misrouted: u64,
+    pub order_errors: u64,
     pub dropped: u64,
     pub lat: Hist,
     pub cpu: Cpu,
@@ -37,6 +38,7 @@ impl Step {
     pub fn passes(&self, p99_ms: f64) -> bool {
         self.lost == 0
             && self.dup == 0
+            && self.order_errors == 0
             && self.sent > 0
             && ms(self.lat.q(0.99)) < p99_ms
             && self.achieved >= 0.95 * self.rate
@@ -51,6 +53,7 @@ impl Step {
             "lost": self.lost,
             "duplicated": self.dup,
             "misrouted": self.misrouted,
+            "out_of_order": self.order_errors,
             "dropped_connections": self.dropped,
             "latency": hist_json(&self.lat),
             "server_cpu_pct": opt_f(self.cpu.server),
@@ -59,6 +62,8 @@ impl Step {
             "machine_busy_pct": opt_f(self.cpu.machine),
             "server_write_calls": self.cpu.writes,
             "server_cpu_us_per_notice": self.cpu.server_ns().map(|ns| ((ns / self.sent.max(1) as f64 / 1e3) * 100.0).round() / 100.0),
+            "redis_cpu_pct": opt_f(self.cpu.redis),
+            "redis_cpu_us_per_notice": self.cpu.redis_ns().map(|ns| ((ns / self.sent.max(1) as f64 / 1e3) * 100.0).round() / 100.0),
             "min_receivers": self.receivers,
         })
     }
@@ -89,7 +94,11 @@ fn targeted_step(
         );
     });
     let w = Window::start(probe);
-    let rep = publisher(redis.into(), o.channel.clone(), rate, count, seq0, make)
+    let mut p = Pub::new(redis.into(), o.channel.clone(), rate, count, seq0);
+    if o.durable {
+        p.function = Some(format!("{}_publish", o.key_prefix));
+    }
+    let rep = publish(p, make)
         .join()
         .map_err(|_| "publisher panicked")??;
     let cpu = w.end(probe);
@@ -117,6 +126,7 @@ fn targeted_step(
         lost,
         dup,
         misrouted: st.misrouted,
+        order_errors: st.order_errors,
         dropped: (st.dropped_open + st.closed_by_server)
             .saturating_sub(before.dropped_open + before.closed_by_server),
         lat: st.lat,
@@ -127,15 +137,17 @@ fn targeted_step(
 
 fn step_row(s: &Step) -> String {
     format!(
-        "{:>8.0}/s sent {} ({:.0}/s) delivered {} lost {} dup {} | {} | server CPU {} bench {:.0}% machine {}%",
+        "{:>8.0}/s sent {} ({:.0}/s) delivered {} lost {} dup {} order {} | {} | server CPU {} redis {} bench {:.0}% machine {}%",
         s.rate,
         s.sent,
         s.achieved,
         s.delivered,
         s.lost,
         s.dup,
+        s.order_errors,
         hist_line(&s.lat),
         s.cpu.server.map_or("n/a".into(), |c| format!("{c:.0}%")),
+        s.cpu.redis.map_or("n/a".into(), |c| format!("{c:.0}%")),
         s.cpu.bench,
         s.cpu.machine.map_or("n/a".into(), |c| format!("{c:.0}"))
     )
@@ -166,6 +178,7 @@ pub fn targeted(o: &Opts, name: &str) -> Result<(), String> {
     let subs = wait_subscribers(&redis, &o.channel, nodes)?;
     r.row("nodes subscribed", subs.to_string());
     r.set("users", users.len() as u64);
+    r.set("durable", o.durable);
     barrier(&o.barrier)?;
     if let Some(rss) = probe.rss() {
         r.row("server RSS", mib(rss));
@@ -178,19 +191,42 @@ pub fn targeted(o: &Opts, name: &str) -> Result<(), String> {
         r.row(
             "published",
             format!(
-                "{} notices at {:.0}/s asked, {:.0}/s achieved, PUBLISH receivers >= {}",
-                s.sent, rate0, s.achieved, s.receivers
+                "{} notices at {:.0}/s asked, {:.0}/s achieved, {}",
+                s.sent,
+                rate0,
+                s.achieved,
+                if o.durable {
+                    format!("FCALL {}_publish (durable)", o.key_prefix)
+                } else {
+                    format!("PUBLISH receivers >= {}", s.receivers)
+                }
             ),
         );
         r.row(
             "delivered",
             format!(
-                "{} (lost {}, duplicated {}, misrouted {}, connections dropped {})",
-                s.delivered, s.lost, s.dup, s.misrouted, s.dropped
+                "{} (lost {}, duplicated {}, misrouted {}, out of order {}, connections dropped {})",
+                s.delivered, s.lost, s.dup, s.misrouted, s.order_errors, s.dropped
             ),
         );
-        r.row("latency PUBLISH->receipt", hist_line(&s.lat));
+        r.row("latency publish->receipt", hist_line(&s.lat));
         cpu_rows(&mut r, "publish", &s.cpu);
+        r.row(
+            "CPU per notice",
+            format!(
+                "node {} us, redis {} us",
+                s.cpu.server_ns().map_or("n/a".into(), |n| format!(
+                    "{:.2}",
+                    n / s.sent.max(1) as f64 / 1e3
+                )),
+                s.cpu
+                    .redis_ns()
+                    .map_or("n/a (give --redis-pid)".into(), |n| format!(
+                        "{:.2}",
+                        n / s.sent.max(1) as f64 / 1e3
+                    )),
+            ),
+        );
         if let Value::Object(m) = s.json() {
             for (k, v) in m {
                 if !k.contains("cpu_pct") && !k.contains("threads_pct") && !k.contains("machine") {
