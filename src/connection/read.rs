@@ -2,7 +2,6 @@
 //! connection (each read loop capped), and what a closing peer still sends.
 
 use std::io::{self, Read};
-use std::time::Duration;
 
 use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::handshake::machine::TryParse;
@@ -27,7 +26,9 @@ impl Open {
                 Ok(Message::Text(t)) if std::env::var_os("PUSHWIRE_TEST_HOOKS").is_some() => {
                     match t.as_str() {
                         "__pushwire_test_panic__" => panic!("test panic requested by the client"),
-                        "__pushwire_test_stall__" => std::thread::sleep(Duration::from_secs(3)),
+                        "__pushwire_test_stall__" => {
+                            std::thread::sleep(std::time::Duration::from_secs(3))
+                        }
                         _ => {}
                     }
                 }
