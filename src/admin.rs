@@ -43,9 +43,6 @@ pub struct Ctx {
     pub replayer: Option<Arc<crate::replay::Replayer>>,
 }
 
-/// The `--dev` demo page, served at `/` on the WebSocket port.
-pub const DEMO_PAGE: &str = include_str!("demo.html");
-
 const MAX_CONCURRENT: usize = 16;
 const MAX_HEAD_BYTES: usize = 8 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);

@@ -308,14 +308,6 @@ pub fn start(mut config: Config) -> Result<Server, StartError> {
     })
 }
 
-/// A Redis URL for the log, without its password.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
-        _ => url.to_string(),
-    }
-}
-
 /// Runs until SIGTERM/SIGINT and a graceful drain: signals, systemd
 /// notification, the watchdog fed by the loops' progress.
 pub fn run(config: Config) -> Result<(), StartError> {

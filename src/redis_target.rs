@@ -241,7 +241,7 @@ impl RedisTarget {
                     });
                 }
             }
-            let mut shown = crate::redact(spec_url);
+            let mut shown = redact(spec_url);
             if insecure {
                 shown.push_str("?insecure=true");
             }
@@ -859,6 +859,14 @@ fn shown_sentinel(scheme: &str, s: &Sentinels, insecure: bool) -> String {
 }
 
 /// A `--redis` value parses or is refused with what is wrong.
+/// A Redis URL for the log, without its password.
+pub(crate) fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+        _ => url.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,11 +15,14 @@ use crate::dispatch::DurableId;
 use crate::history::ClientId;
 use crate::sessions::ConnId;
 
+/// The `--dev` demo page, served at `/` on the WebSocket port.
+const DEMO_PAGE: &str = include_str!("../demo.html");
+
 impl Worker {
     pub(super) fn upgrade(&mut self, slot: usize, req: &Request, used: usize, now: Instant) {
         let ctx = self.ctx.clone();
         if ctx.config.dev && req.uri().path() == "/" {
-            let page = crate::admin::DEMO_PAGE.as_bytes();
+            let page = DEMO_PAGE.as_bytes();
             if let Some(conn) = self.conns.get_mut(slot) {
                 conn.answer(200, "text/html; charset=utf-8", page, now);
             }
