@@ -24,6 +24,7 @@ SECS=${SECS:-15}
 FAULT_AT=${FAULT_AT:-5}
 FAULTS=${FAULTS:-"failover kill"}
 MODES=${MODES:-"plain durable"}
+EXTRA=${EXTRA:-}   # more pushwire-bench options, e.g. "--drain 10"
 TARGET=${CARGO_TARGET_DIR:-target}
 BENCH=$TARGET/release/pushwire-bench
 NODE=$TARGET/release/pushwire
@@ -97,7 +98,7 @@ one() { # FAULT MODE RUN
     cluster && nodes || { stop_all; return 1; }
     "$BENCH" targeted --connections "$CONNS" --rate "$RATE" --seconds "$SECS" \
         --url "ws://127.0.0.1:${NP[0]}/ws" --url "ws://127.0.0.1:${NP[1]}/ws" \
-        --redis-sentinel "$SURL" $flag --json --label "failover-$fault-$mode-$run" \
+        --redis-sentinel "$SURL" $flag $EXTRA --json --label "failover-$fault-$mode-$run" \
         >"$TMP/out.json" 2>"$TMP/bench.log" &
     local bench=$!
     local half=$((CONNS / 2))
