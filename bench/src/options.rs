@@ -41,6 +41,11 @@ OPTIONS
   --user-header NAME   header for --auth header [X-User-Id]
   --redis URL          redis://127.0.0.1:PORT (required to publish; never defaults
                        to 6379)
+  --redis-sentinel S   HOST:PORT[,HOST:PORT...]/NAME (loopback Sentinels, no
+                       auth): publish to whichever Redis they name master;
+                       on a publish error or a new master (asked every
+                       200 ms) reconnect there. Notices of a batch whose
+                       publish failed count as refused, not lost
   --channel NAME       [websocket:sendMsgTopic]
   --admin URL          http://127.0.0.1:9090 (RSS from /metrics); repeatable
   --server-pid PID     read VmRSS and CPU ticks from /proc/PID; repeatable
@@ -90,6 +95,7 @@ pub struct Opts {
     pub secret: String,
     pub user_header: String,
     pub redis: Option<String>,
+    pub redis_sentinel: Option<String>,
     pub channel: String,
     pub admins: Vec<String>,
     pub pids: Vec<u32>,
@@ -129,6 +135,7 @@ pub fn parse_opts(args: Vec<OsString>) -> Result<Opts, String> {
         secret: "bench".into(),
         user_header: "X-User-Id".into(),
         redis: None,
+        redis_sentinel: None,
         channel: "websocket:sendMsgTopic".into(),
         admins: Vec::new(),
         pids: Vec::new(),
@@ -187,6 +194,7 @@ pub fn parse_opts(args: Vec<OsString>) -> Result<Opts, String> {
             Long("secret") => o.secret = text(p.value().map_err(e)?)?,
             Long("user-header") => o.user_header = text(p.value().map_err(e)?)?,
             Long("redis") => o.redis = Some(text(p.value().map_err(e)?)?),
+            Long("redis-sentinel") => o.redis_sentinel = Some(text(p.value().map_err(e)?)?),
             Long("channel") => o.channel = text(p.value().map_err(e)?)?,
             Long("admin") => o.admins.push(text(p.value().map_err(e)?)?),
             Long("server-pid") => o.pids.push(num("server-pid", p.value().map_err(e)?)?),

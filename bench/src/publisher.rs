@@ -14,6 +14,11 @@ use crate::os::mono_ns;
 
 pub struct PubReport {
     pub sent: u64,
+    /// Seq ranges (from seq0, end exclusive) whose publish failed: the
+    /// publisher knows they were not (or maybe not) sent. Not lost.
+    pub refused: Vec<(u64, u64)>,
+    /// Master switches followed (with a Sentinel).
+    pub switches: u64,
     pub start: u64,
     pub end: u64,
     pub min_receivers: i64,
@@ -45,6 +50,71 @@ pub struct Pub {
     pub stop: Option<Arc<AtomicBool>>,
     /// Notices sent so far, for the main thread to read.
     pub progress: Option<Arc<AtomicU64>>,
+    /// Follow the master these Sentinels name (`url` is then the first one).
+    pub sentinel: Option<Sentinel>,
+}
+
+/// Loopback Sentinels (no auth) and the master name they watch.
+#[derive(Clone, Debug)]
+pub struct Sentinel {
+    pub hosts: Vec<String>,
+    pub name: String,
+}
+
+impl Sentinel {
+    /// `HOST:PORT[,HOST:PORT...]/NAME`, or the same after `redis+sentinel://`.
+    pub fn parse(s: &str) -> Result<Sentinel, String> {
+        let s = s.strip_prefix("redis+sentinel://").unwrap_or(s);
+        let (hosts, name) = s
+            .rsplit_once('/')
+            .ok_or_else(|| format!("--redis-sentinel {s}: HOST:PORT[,HOST:PORT...]/NAME"))?;
+        let hosts: Vec<String> = hosts.split(',').map(str::to_string).collect();
+        for h in &hosts {
+            crate::wire::check_loopback_url(&format!("redis://{h}"), "redis://")?;
+        }
+        Ok(Sentinel {
+            hosts,
+            name: name.to_string(),
+        })
+    }
+
+    /// The master's address as the first Sentinel that answers says.
+    pub fn master(&self) -> Result<String, String> {
+        let mut why = String::new();
+        for h in &self.hosts {
+            let r = redis::Client::open(format!("redis://{h}").as_str())
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(500)))
+                .and_then(|mut c| {
+                    c.set_read_timeout(Some(Duration::from_millis(500)))?;
+                    redis::cmd("SENTINEL")
+                        .arg("GET-MASTER-ADDR-BY-NAME")
+                        .arg(&self.name)
+                        .query::<Option<(String, String)>>(&mut c)
+                });
+            match r {
+                Ok(Some((host, port))) => return Ok(format!("{host}:{port}")),
+                Ok(None) => why = format!("{h}: no master named {}", self.name),
+                Err(e) => why = format!("{h}: {e}"),
+            }
+        }
+        Err(format!("Sentinel: {why}"))
+    }
+
+    pub fn master_url(&self) -> Result<String, String> {
+        let url = format!("redis://{}", self.master()?);
+        crate::wire::check_loopback_url(&url, "redis://")?;
+        Ok(url)
+    }
+}
+
+fn connect(url: &str) -> Result<redis::Connection, String> {
+    let client = redis::Client::open(url).map_err(|e| format!("redis: {e}"))?;
+    let con = client
+        .get_connection_with_timeout(Duration::from_secs(1))
+        .map_err(|e| format!("redis {url}: {e}"))?;
+    con.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| format!("redis: {e}"))?;
+    Ok(con)
 }
 
 impl Pub {
@@ -58,6 +128,7 @@ impl Pub {
             seq0,
             stop: None,
             progress: None,
+            sentinel: None,
         }
     }
 }
@@ -82,10 +153,21 @@ pub fn publish(p: Pub, mut make: MakeNotice) -> JoinHandle<Result<PubReport, Str
         .name("publisher".into())
         .spawn(move || {
             let (rate, count, seq0) = (p.rate, p.count, p.seq0);
-            let client = redis::Client::open(p.url.as_str()).map_err(|e| format!("redis: {e}"))?;
-            let mut con = client
-                .get_connection_with_timeout(Duration::from_secs(5))
-                .map_err(|e| format!("redis: {e}"))?;
+            let mut master = match &p.sentinel {
+                Some(s) => s.master()?,
+                None => String::new(),
+            };
+            let url = |m: &str| {
+                if p.sentinel.is_some() {
+                    format!("redis://{m}")
+                } else {
+                    p.url.clone()
+                }
+            };
+            let mut con = Some(connect(&url(&master))?);
+            let mut refused: Vec<(u64, u64)> = Vec::new();
+            let mut switches = 0u64;
+            let mut asked = Instant::now();
             let start = mono_ns();
             let mut sent = 0u64;
             let mut min_receivers = i64::MAX;
@@ -93,6 +175,27 @@ pub fn publish(p: Pub, mut make: MakeNotice) -> JoinHandle<Result<PubReport, Str
             while sent < count {
                 if p.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
                     break;
+                }
+                if let Some(s) = &p.sentinel {
+                    // Whichever node is master: ask every 200 ms, and at
+                    // once when the connection is gone.
+                    if con.is_none() || asked.elapsed() >= Duration::from_millis(200) {
+                        asked = Instant::now();
+                        if let Ok(m) = s.master() {
+                            if m != master {
+                                master = m;
+                                switches += 1;
+                                con = None;
+                            }
+                        }
+                        if con.is_none() {
+                            con = connect(&url(&master)).ok();
+                        }
+                    }
+                    if con.is_none() {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
                 }
                 let now = mono_ns();
                 let due = if rate <= 0.0 {
@@ -123,16 +226,40 @@ pub fn publish(p: Pub, mut make: MakeNotice) -> JoinHandle<Result<PubReport, Str
                 } else {
                     "PUBLISH"
                 };
-                let r: Vec<redis::Value> =
-                    pipe.query(&mut con).map_err(|e| format!("{what}: {e}"))?;
-                for x in r {
+                let c = con.as_mut().expect("a connection");
+                let r: Vec<redis::Value> = match pipe.query(c) {
+                    Ok(r) => r,
+                    Err(_) if p.sentinel.is_some() => {
+                        // The whole batch is refused (a part of it may have
+                        // run: those then count as delivered, not lost).
+                        refused.push((sent, sent + n));
+                        sent += n;
+                        con = None;
+                        continue;
+                    }
+                    Err(e) => return Err(format!("{what}: {e}")),
+                };
+                let mut failed: Option<u64> = None;
+                for (k, x) in r.into_iter().enumerate() {
                     match x {
                         redis::Value::Int(x) => min_receivers = min_receivers.min(x),
                         redis::Value::ServerError(e) => {
-                            return Err(format!("{what}: {:?}", e.details()))
+                            if p.sentinel.is_none() {
+                                return Err(format!("{what}: {:?}", e.details()));
+                            }
+                            // READONLY, LOADING...: this one was refused.
+                            let s0 = sent + k as u64;
+                            match refused.last_mut() {
+                                Some(last) if last.1 == s0 => last.1 = s0 + 1,
+                                _ => refused.push((s0, s0 + 1)),
+                            }
+                            failed = Some(s0);
                         }
                         _ => min_receivers = -1,
                     }
+                }
+                if failed.is_some() {
+                    con = None;
                 }
                 sent += n;
                 if let Some(pr) = &p.progress {
@@ -141,6 +268,8 @@ pub fn publish(p: Pub, mut make: MakeNotice) -> JoinHandle<Result<PubReport, Str
             }
             Ok(PubReport {
                 sent,
+                refused,
+                switches,
                 start,
                 end: mono_ns(),
                 min_receivers: if min_receivers == i64::MAX {

@@ -39,6 +39,10 @@ pub struct Stats {
     pub min_t: u64,
     first_rx: u64,
     pub last_rx: u64,
+    /// Longest pause between two received notices (of one client thread)
+    /// and the receive time that ended it: how long delivery stopped.
+    pub max_gap: u64,
+    pub max_gap_end: u64,
     // Durable clients (SPEC 8).
     pub order_errors: u64,
     pub no_id: u64,
@@ -75,6 +79,8 @@ impl Stats {
         self.min_t = 0;
         self.first_rx = 0;
         self.last_rx = 0;
+        self.max_gap = 0;
+        self.max_gap_end = 0;
         self.order_errors = 0;
         self.no_id = 0;
     }
@@ -120,6 +126,10 @@ impl Stats {
         self.min_t = lo(self.min_t, o.min_t);
         self.first_rx = lo(self.first_rx, o.first_rx);
         self.last_rx = self.last_rx.max(o.last_rx);
+        if o.max_gap > self.max_gap {
+            self.max_gap = o.max_gap;
+            self.max_gap_end = o.max_gap_end;
+        }
         self.order_errors += o.order_errors;
         self.no_id += o.no_id;
         self.status_ok += o.status_ok;
@@ -139,6 +149,9 @@ impl Stats {
         self.bytes += p.len() as u64;
         if self.first_rx == 0 {
             self.first_rx = now;
+        } else if now.saturating_sub(self.last_rx) > self.max_gap {
+            self.max_gap = now.saturating_sub(self.last_rx);
+            self.max_gap_end = now;
         }
         self.last_rx = now;
         let (Some(seq), Some(t)) = (json_num(p, b"\"seq\":"), json_num(p, b"\"t\":")) else {

@@ -106,10 +106,15 @@ pub fn barrier(dir: &Option<String>) -> Result<(), String> {
 }
 
 pub fn need_redis(o: &Opts) -> Result<String, String> {
-    let url = o
-        .redis
-        .clone()
-        .ok_or("this scenario publishes through Redis: give --redis redis://127.0.0.1:PORT")?;
+    let url = match (&o.redis, &o.redis_sentinel) {
+        (Some(u), _) => u.clone(),
+        (None, Some(s)) => crate::publisher::Sentinel::parse(s)?.master_url()?,
+        (None, None) => {
+            return Err(
+                "this scenario publishes through Redis: give --redis redis://127.0.0.1:PORT".into(),
+            )
+        }
+    };
     check_loopback_url(&url, "redis://")?;
     Ok(url)
 }

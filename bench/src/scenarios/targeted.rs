@@ -32,6 +32,10 @@ struct Step {
     pub lat: Hist,
     pub cpu: Cpu,
     pub receivers: i64,
+    refused: u64,
+    switches: u64,
+    max_gap: u64,
+    max_gap_at: u64,
 }
 
 impl Step {
@@ -65,6 +69,10 @@ impl Step {
             "redis_cpu_pct": opt_f(self.cpu.redis),
             "redis_cpu_us_per_notice": self.cpu.redis_ns().map(|ns| ((ns / self.sent.max(1) as f64 / 1e3) * 100.0).round() / 100.0),
             "min_receivers": self.receivers,
+            "refused": self.refused,
+            "master_switches": self.switches,
+            "max_delivery_gap_ms": (ms(self.max_gap) * 10.0).round() / 10.0,
+            "max_delivery_gap_end_s": (self.max_gap_at as f64 / 1e7).round() / 100.0,
         })
     }
 }
@@ -98,11 +106,22 @@ fn targeted_step(
     if o.durable {
         p.function = Some(format!("{}_publish", o.key_prefix));
     }
+    if let Some(s) = &o.redis_sentinel {
+        p.sentinel = Some(crate::publisher::Sentinel::parse(s)?);
+    }
     let rep = publish(p, make)
         .join()
         .map_err(|_| "publisher panicked")??;
     let cpu = w.end(probe);
+    let mut is_refused = vec![false; rep.sent as usize];
+    for &(a, b) in &rep.refused {
+        for x in &mut is_refused[a as usize..(b as usize).min(rep.sent as usize)] {
+            *x = true;
+        }
+    }
+    let refused = is_refused.iter().filter(|r| **r).count() as u64;
     let expected: u64 = (0..rep.sent)
+        .filter(|k| !is_refused[*k as usize])
         .map(|k| *mult.get(&user_for(users, seq0 + k)).unwrap_or(&1) as u64)
         .sum();
     let until = Instant::now() + Duration::from_secs_f64(o.drain);
@@ -115,7 +134,9 @@ fn targeted_step(
         let want = *mult.get(&user_for(users, seq0 + k)).unwrap_or(&1) as u64;
         let got = st.seq_count.get(k as usize).copied().unwrap_or(0) as u64;
         delivered += got.min(want);
-        lost += want.saturating_sub(got);
+        if !is_refused[k as usize] {
+            lost += want.saturating_sub(got);
+        }
         dup += got.saturating_sub(want);
     }
     Ok(Step {
@@ -132,6 +153,10 @@ fn targeted_step(
         lat: st.lat,
         cpu,
         receivers: rep.min_receivers,
+        refused,
+        switches: rep.switches,
+        max_gap: st.max_gap,
+        max_gap_at: st.max_gap_end.saturating_sub(rep.start),
     })
 }
 
@@ -210,6 +235,16 @@ pub fn targeted(o: &Opts, name: &str) -> Result<(), String> {
             ),
         );
         r.row("latency publish->receipt", hist_line(&s.lat));
+        r.row(
+            "delivery",
+            format!(
+                "longest pause {:.1} ms (ended {:.2} s after publishing began); refused {} (publish failed), master switches {}",
+                ms(s.max_gap),
+                s.max_gap_at as f64 / 1e9,
+                s.refused,
+                s.switches
+            ),
+        );
         cpu_rows(&mut r, "publish", &s.cpu);
         r.row(
             "CPU per notice",
