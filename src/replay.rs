@@ -28,6 +28,8 @@ pub const QUEUE: usize = 4096;
 /// How long a batch may take before the link is taken for dead.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Tries of one batch before its requests are answered with the error.
+const ATTEMPTS: usize = 3;
 /// How often an idle thread looks at the stop flag.
 const TICK: Duration = Duration::from_millis(100);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -174,7 +176,27 @@ impl Worker {
         log::debug!("replayer stopped");
     }
 
+    /// Reads a batch, trying again on a fresh connection when a link
+    /// change broke it: history reads are idempotent, and a recovery that
+    /// fails only because the replayer's connection went stale (a failover,
+    /// a Redis restart) would tell clients `recovered:false` for nothing.
+    /// Gives up after [`ATTEMPTS`] tries (waiting out the backoff between
+    /// them), so a Redis that is really gone still gets an answer out.
     fn read(&mut self, batch: &[Request]) -> RedisResult<Vec<RedisResult<History>>> {
+        let mut last = None;
+        for _ in 0..ATTEMPTS {
+            while Instant::now() < self.next_attempt && !self.stop.load(Ordering::Acquire) {
+                std::thread::sleep(TICK.min(self.next_attempt - Instant::now()));
+            }
+            match self.read_once(batch) {
+                Ok(v) => return Ok(v),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| RedisError::from((redis::ErrorKind::Io, "no attempt"))))
+    }
+
+    fn read_once(&mut self, batch: &[Request]) -> RedisResult<Vec<RedisResult<History>>> {
         self.connect()?;
         let Some((conn, _)) = self.conn.as_mut() else {
             return Err(RedisError::from((redis::ErrorKind::Io, "no connection")));
