@@ -51,12 +51,19 @@ impl Durable {
     /// Where a recovery starts: the last id sent (`None`: nowhere known).
     /// Live notices are held from now on.
     pub fn begin_recovery(&mut self) -> Option<ClientId> {
-        self.hold();
+        self.hold(None);
         self.last.as_ref().map(DurableId::client_id)
     }
 
     /// Holds live notices (the subscription is lost: a recovery will come).
-    pub fn hold(&mut self) {
+    /// A connection that has not been sent a durable notice yet resumes
+    /// from `node_last`, the last one the node received before the loss:
+    /// none after it can have reached this connection, and without a point
+    /// to resume from its recovery could only answer `recovered:false`.
+    pub fn hold(&mut self, node_last: Option<DurableId>) {
+        if self.last.is_none() {
+            self.last = node_last;
+        }
         self.held.get_or_insert_with(Held::default);
     }
 

@@ -88,9 +88,10 @@ impl Worker {
     /// The subscription is lost: connections that use `since` hold live
     /// notices from here, where their recovery will start.
     pub(super) fn on_lost(&mut self) {
+        let node_last = self.ctx.durable.last();
         for (_, conn) in self.conns.iter_mut() {
             if let Some(d) = conn.durable() {
-                d.hold();
+                d.hold(node_last.clone());
             }
         }
     }
