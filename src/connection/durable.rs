@@ -87,11 +87,7 @@ impl Durable {
         if self.is_sent(&f.id) {
             return Queued::NotOpen;
         }
-        let frame = if f.wrapped.is_empty() {
-            wrap_plain(notice::payload(&f.plain))
-        } else {
-            f.wrapped.clone()
-        };
+        let frame = wrapped_form(f);
         if !out.is_empty() && out.len() + frame.len() > max {
             return Queued::Full;
         }
@@ -134,12 +130,7 @@ impl Durable {
             if before_seam {
                 continue;
             }
-            let frame = if f.wrapped.is_empty() {
-                wrap_plain(notice::payload(&f.plain))
-            } else {
-                f.wrapped
-            };
-            out.push(frame);
+            out.push(wrapped_form(&f));
             if let Some(id) = f.id {
                 if !self.is_sent(&Some(id.clone())) {
                     self.last = Some(id);
@@ -150,6 +141,20 @@ impl Durable {
             recovered,
             replayed,
         })
+    }
+}
+
+/// The form a `since` connection takes a notice in. The subscriber builds
+/// it only while the node has such connections; one that comes just then
+/// builds its own, with the id when the notice has one.
+fn wrapped_form(f: &Frames) -> Bytes {
+    if !f.wrapped.is_empty() {
+        return f.wrapped.clone();
+    }
+    let payload = notice::payload(&f.plain);
+    match &f.id {
+        Some(id) => envelope(&id.client_id().to_string(), payload),
+        None => wrap_plain(payload),
     }
 }
 
