@@ -67,6 +67,16 @@ impl Durable {
         self.held.get_or_insert_with(Held::default);
     }
 
+    /// Records `id` as the last sent. The epoch is shared by every notice
+    /// of that epoch: while it stays the same, only the position changes
+    /// (no reference count bounced between loops per delivery).
+    fn sent(&mut self, id: &DurableId) {
+        match &mut self.last {
+            Some(last) if Arc::ptr_eq(&last.epoch, &id.epoch) => last.id = id.id,
+            last => *last = Some(id.clone()),
+        }
+    }
+
     fn is_sent(&self, id: &Option<DurableId>) -> bool {
         match (id, &self.last) {
             (Some(id), Some(last)) => id.epoch == last.epoch && id.id <= last.id,
@@ -93,7 +103,7 @@ impl Durable {
         }
         out.push(frame);
         if let Some(id) = &f.id {
-            self.last = Some(id.clone());
+            self.sent(id);
         }
         Queued::Yes
     }

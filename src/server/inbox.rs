@@ -6,7 +6,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::Worker;
-use crate::connection::{Close, Queued};
+use crate::connection::{Close, Conn, Queued};
 use crate::dispatch::{Frames, Inbox, LoopEnd};
 
 /// While flushing, the inbox is drained again after this many connections.
@@ -52,20 +52,16 @@ impl Worker {
     /// One broadcast notice to every open connection, in each one's form.
     fn broadcast_each(&mut self, frames: &Frames, now: Instant) {
         let max = self.ctx.config.max_queue_bytes;
-        let mut cut = Vec::new();
+        let mut outcome = Outcome {
+            delivered: &mut self.delivered,
+            dirty: &mut self.dirty,
+            cut: Vec::new(),
+        };
         for (slot, conn) in self.conns.iter_mut() {
-            match conn.queue(frames, max) {
-                Queued::Yes => {
-                    self.delivered += 1;
-                    if !conn.dirty {
-                        conn.dirty = true;
-                        self.dirty.push(slot);
-                    }
-                }
-                Queued::Full => cut.push(slot),
-                Queued::NotOpen => {}
-            }
+            let queued = conn.queue(frames, max);
+            outcome.note(queued, conn, slot, 1);
         }
+        let cut = outcome.cut;
         self.cut_slow(cut, now);
     }
 
@@ -75,26 +71,26 @@ impl Worker {
     fn broadcast(&mut self, frames: Vec<u8>, count: u64, now: Instant) {
         let max = self.ctx.config.max_queue_bytes;
         let frames = Bytes::from(frames);
-        let mut cut = Vec::new();
+        let mut outcome = Outcome {
+            delivered: &mut self.delivered,
+            dirty: &mut self.dirty,
+            cut: Vec::new(),
+        };
         for (slot, conn) in self.conns.iter_mut() {
-            match conn.queue_plain(&frames, max) {
-                Queued::Yes => {
-                    self.delivered += count;
-                    if !conn.dirty {
-                        conn.dirty = true;
-                        self.dirty.push(slot);
-                    }
-                }
-                Queued::Full => cut.push(slot),
-                Queued::NotOpen => {}
-            }
+            let queued = conn.queue_plain(&frames, max);
+            outcome.note(queued, conn, slot, count);
         }
+        let cut = outcome.cut;
         self.cut_slow(cut, now);
     }
 
     fn deliver_to(&mut self, frame: &Frames, targets: Vec<(u32, u32)>, now: Instant) {
         let max = self.ctx.config.max_queue_bytes;
-        let mut cut = Vec::new();
+        let mut outcome = Outcome {
+            delivered: &mut self.delivered,
+            dirty: &mut self.dirty,
+            cut: Vec::new(),
+        };
         for (slot, generation) in targets {
             let slot = slot as usize;
             let Some(conn) = self.conns.get_mut(slot) else {
@@ -103,18 +99,10 @@ impl Worker {
             if conn.generation != generation {
                 continue;
             }
-            match conn.queue(frame, max) {
-                Queued::Yes => {
-                    self.delivered += 1;
-                    if !conn.dirty {
-                        conn.dirty = true;
-                        self.dirty.push(slot);
-                    }
-                }
-                Queued::Full => cut.push(slot),
-                Queued::NotOpen => {}
-            }
+            let queued = conn.queue(frame, max);
+            outcome.note(queued, conn, slot, 1);
         }
+        let cut = outcome.cut;
         self.cut_slow(cut, now);
     }
 
@@ -166,5 +154,29 @@ impl Worker {
             self.flush(slot);
         }
         self.dirty = dirty;
+    }
+}
+
+/// What queueing a notice for one connection leads to, in one place:
+/// counted and marked for the flush, or noted as a slow consumer to cut.
+struct Outcome<'a> {
+    delivered: &'a mut u64,
+    dirty: &'a mut Vec<usize>,
+    cut: Vec<usize>,
+}
+
+impl Outcome<'_> {
+    fn note(&mut self, queued: Queued, conn: &mut Conn, slot: usize, frames: u64) {
+        match queued {
+            Queued::Yes => {
+                *self.delivered += frames;
+                if !conn.dirty {
+                    conn.dirty = true;
+                    self.dirty.push(slot);
+                }
+            }
+            Queued::Full => self.cut.push(slot),
+            Queued::NotOpen => {}
+        }
     }
 }
