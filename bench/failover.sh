@@ -84,7 +84,7 @@ nodes() {
         NP+=("$(free_port)"); NA+=("$(free_port)")
         "$NODE" --listen "127.0.0.1:${NP[$i]}" --admin-listen "127.0.0.1:${NA[$i]}" \
             --redis "redis+sentinel://127.0.0.1:${SP[0]},127.0.0.1:${SP[1]},127.0.0.1:${SP[2]}/$NAME" \
-            --jwt-secret bench --log-level warn 2>>"$TMP/node$i.log" &
+            --jwt-secret bench --log-level "${NODE_LOG_LEVEL:-warn}" 2>>"${LOGDIR:-$TMP}/node$i.log" &
         PIDS+=($!)
     done
     for i in 0 1; do
@@ -116,10 +116,18 @@ one() { # FAULT MODE RUN
     local re0 re1
     re0=$(( $(metric "${NA[0]}" pushwire_connections_accepted_total) - acc0 ))
     re1=$(( $(metric "${NA[1]}" pushwire_connections_accepted_total) - acc1 ))
+    # The nodes' side of a durable loss: recoveries that could not prove
+    # their history complete answer recovered:false.
+    local rok=0 rmiss=0
+    for a in "${NA[@]}"; do
+        rok=$((rok + $(metric "$a" 'pushwire_recoveries_total{result="recovered"}')))
+        rmiss=$((rmiss + $(metric "$a" 'pushwire_recoveries_total{result="missed"}')))
+    done
     jq -c --arg f "$fault" --arg m "$mode" --argjson r "$run" --argjson acc "$((re0 + re1))" \
-        '. + {fault: $f, mode: $m, run: $r, node_accepted_after_connect: $acc}' "$TMP/out.json" >>"$OUT" \
+        --argjson rok "$rok" --argjson rmiss "$rmiss" \
+        '. + {fault: $f, mode: $m, run: $r, node_accepted_after_connect: $acc, node_recoveries: {recovered: $rok, missed: $rmiss}}' "$TMP/out.json" >>"$OUT" \
         || tail -5 "$TMP/bench.log" >&2
-    jq -r '"\(.label): gap \(.max_delivery_gap_ms) ms (ended \(.max_delivery_gap_end_s) s), sent \(.sent), delivered \(.delivered), lost \(.lost), refused \(.refused), dup \(.duplicated), out of order \(.out_of_order), dropped \(.dropped_connections), accepted after connect \(.node_accepted_after_connect), switches \(.master_switches)"' <(tail -1 "$OUT")
+    jq -r '"\(.label): gap \(.max_delivery_gap_ms) ms (ended \(.max_delivery_gap_end_s) s), sent \(.sent), delivered \(.delivered), lost \(.lost), refused \(.refused), dup \(.duplicated), out of order \(.out_of_order), dropped \(.dropped_connections), accepted after connect \(.node_accepted_after_connect), switches \(.master_switches), node recoveries \(.node_recoveries), status frames \(.status_recovered // 0)/\(.status_missed // 0), lost users \(.lost_users // 0), lost seqs \(.lost_seq_ranges // [] | .[:12])"' <(tail -1 "$OUT")
     stop_all
 }
 

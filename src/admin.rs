@@ -572,14 +572,43 @@ impl Admin {
         body: &[u8],
     ) -> redis::RedisResult<(u16, Vec<u8>)> {
         let c = &self.shared.config;
+        let wait = (c.history_replicas > 0).then_some(history::Wait {
+            replicas: c.history_replicas,
+            timeout: c.history_replicas_timeout,
+        });
         for _ in 0..2 {
-            match history::publish(conn, &c.key_prefix, body) {
+            match history::publish_waiting(conn, &c.key_prefix, body, wait) {
                 Ok(p) => {
                     self.shared
                         .metrics
                         .durable_published
                         .fetch_add(1, Ordering::Relaxed);
-                    let answer = serde_json::json!({"id": p.id, "receivers": p.receivers});
+                    let want = i64::from(c.history_replicas);
+                    if let Some(got) = p.replicas.filter(|got| *got < want) {
+                        // Stored and sent on the master, but a failover now
+                        // could take it away: the publisher is told, and
+                        // may publish again (with a new id).
+                        self.shared
+                            .metrics
+                            .durable_unreplicated
+                            .fetch_add(1, Ordering::Relaxed);
+                        let answer = serde_json::json!({
+                            "error": format!(
+                                "published, but only {got} of {want} replicas acknowledged it within {} ms: a failover could lose it; publish again to be sure (a client may then get it twice, under two ids)",
+                                c.history_replicas_timeout.as_millis()
+                            ),
+                            "id": p.id,
+                            "receivers": p.receivers,
+                            "replicas": got,
+                        });
+                        return Ok((503, format!("{answer}\n").into_bytes()));
+                    }
+                    let answer = match p.replicas {
+                        Some(r) => {
+                            serde_json::json!({"id": p.id, "receivers": p.receivers, "replicas": r})
+                        }
+                        None => serde_json::json!({"id": p.id, "receivers": p.receivers}),
+                    };
                     return Ok((202, format!("{answer}\n").into_bytes()));
                 }
                 Err(history::PublishError::Refused(why)) => {

@@ -10,6 +10,7 @@
 
 use std::fmt;
 use std::ops::Range;
+use std::time::Duration;
 
 use bytes::Bytes;
 use redis::{ConnectionLike, RedisError, RedisResult, Value};
@@ -183,6 +184,19 @@ pub struct Published {
     /// Subscribers of `<prefix>:notices` (PUBSUB NUMSUB in the same round
     /// trip): the nodes it went to, as PUBLISH's count on the plain path.
     pub receivers: i64,
+    /// With [`Wait`]: the replicas that acknowledged the write (`WAIT`'s
+    /// answer, in the same round trip).
+    pub replicas: Option<i64>,
+}
+
+/// `WAIT replicas timeout` after the publish: how many replicas must have
+/// the notice before it counts as durable across a failover (Redis
+/// replicates asynchronously; a master that dies or is demoted takes
+/// what it did not pass on with it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wait {
+    pub replicas: u32,
+    pub timeout: Duration,
 }
 
 #[derive(Debug)]
@@ -212,19 +226,37 @@ impl std::error::Error for PublishError {}
 
 /// `FCALL <prefix>_publish 0 <notice>`: records the notice in history and
 /// publishes it to every node. One round trip.
+#[cfg(test)]
 pub fn publish<C: ConnectionLike>(
     conn: &mut C,
     prefix: &str,
     notice: &[u8],
 ) -> Result<Published, PublishError> {
-    let replies: Vec<Value> = redis::pipe()
-        .cmd("FCALL")
+    publish_waiting(conn, prefix, notice, None)
+}
+
+/// [`publish`], then, with `wait`, `WAIT` for replicas in the same round
+/// trip ([`Published::replicas`]).
+pub fn publish_waiting<C: ConnectionLike>(
+    conn: &mut C,
+    prefix: &str,
+    notice: &[u8],
+    wait: Option<Wait>,
+) -> Result<Published, PublishError> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("FCALL")
         .arg(format!("{prefix}_publish"))
         .arg(0)
         .arg(notice)
         .cmd("PUBSUB")
         .arg("NUMSUB")
-        .arg(format!("{prefix}:notices"))
+        .arg(format!("{prefix}:notices"));
+    if let Some(w) = wait {
+        // 0 would mean "forever" to WAIT.
+        let ms = w.timeout.as_millis().clamp(1, u64::MAX as u128) as u64;
+        pipe.cmd("WAIT").arg(w.replicas).arg(ms);
+    }
+    let replies: Vec<Value> = pipe
         .ignore_errors()
         .query(conn)
         .map_err(PublishError::Redis)?;
@@ -251,7 +283,17 @@ pub fn publish<C: ConnectionLike>(
         },
         _ => 0,
     };
-    Ok(Published { id, receivers })
+    let replicas = match (wait, replies.next()) {
+        (None, _) => None,
+        (Some(_), Some(Value::Int(n))) => Some(n),
+        (Some(_), Some(Value::ServerError(e))) => return Err(PublishError::Redis(e.into())),
+        (Some(_), _) => return Err(PublishError::Redis(unexpected("the WAIT reply"))),
+    };
+    Ok(Published {
+        id,
+        receivers,
+        replicas,
+    })
 }
 
 fn unexpected(what: &str) -> RedisError {

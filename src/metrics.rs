@@ -33,6 +33,7 @@ pub struct Metrics {
     pub recoveries_missed: AtomicU64,
     pub replayed_notices: AtomicU64,
     pub durable_published: AtomicU64,
+    pub durable_unreplicated: AtomicU64,
     /// Per-user counts written to Redis by the presence thread.
     pub presence_updates: AtomicU64,
     pub presence_errors: AtomicU64,
@@ -176,6 +177,12 @@ impl Metrics {
             "counter",
             "Durable notices published through POST /publish.",
             self.durable_published.load(Relaxed),
+        );
+        one(
+            "pushwire_durable_unreplicated_total",
+            "counter",
+            "Durable notices POST /publish answered 503 for: fewer than --history-replicas replicas acknowledged them in time.",
+            self.durable_unreplicated.load(Relaxed),
         );
         one(
             "pushwire_presence_updates_total",

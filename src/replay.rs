@@ -35,6 +35,13 @@ const TICK: Duration = Duration::from_millis(100);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// A request [`Replayer::try_request`] did not queue, handed back.
+#[derive(Debug)]
+pub enum Refused {
+    Full(Request),
+    Stopped,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     /// The caller's own key (its connection id), handed back in the reply.
@@ -49,6 +56,20 @@ pub struct Reply {
     /// `Err`: Redis is unreachable or failed; the caller treats it as
     /// missed (`{"recovered":false}`).
     pub result: RedisResult<History>,
+}
+
+/// [`QUEUE`]; debug builds take another size from
+/// `PUSHWIRE_TEST_REPLAY_QUEUE`, so that the suite can fill the queue with
+/// a few connections. Release builds have no such hook.
+fn queue_size() -> usize {
+    #[cfg(debug_assertions)]
+    if let Some(n) = std::env::var("PUSHWIRE_TEST_REPLAY_QUEUE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return n;
+    }
+    QUEUE
 }
 
 pub struct Replayer {
@@ -67,7 +88,7 @@ impl Replayer {
         stop: Arc<AtomicBool>,
         sink: impl Fn(Reply) + Send + 'static,
     ) -> io::Result<Replayer> {
-        let (tx, rx) = crossbeam_channel::bounded(QUEUE);
+        let (tx, rx) = crossbeam_channel::bounded(queue_size());
         let batches = Arc::new(AtomicU64::new(0));
         let worker = Worker {
             batches: batches.clone(),
@@ -90,11 +111,13 @@ impl Replayer {
         })
     }
 
-    /// Queues a request, or hands it back when the queue is full or the
-    /// thread has stopped: then answer `{"recovered":false}` at once.
-    pub fn try_request(&self, r: Request) -> Result<(), Request> {
+    /// Queues a request, or hands it back: when the queue is full (keep it
+    /// and ask again once replies have come back), or when the thread has
+    /// stopped (then answer `{"recovered":false}`).
+    pub fn try_request(&self, r: Request) -> Result<(), Refused> {
         self.tx.try_send(r).map_err(|e| match e {
-            TrySendError::Full(r) | TrySendError::Disconnected(r) => r,
+            TrySendError::Full(r) => Refused::Full(r),
+            TrySendError::Disconnected(_) => Refused::Stopped,
         })
     }
 

@@ -66,6 +66,10 @@ const IO_TIMEOUT: Duration = Duration::from_secs(1);
 /// Read timeout on the subscription: how often the thread looks up from
 /// its reads to send canaries and check for shutdown.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// A subscription held after a `+switch-master` is read until the new
+/// link's first canary comes on it, or it closes, or no notice came on it
+/// for this long (see [`Sub::quiet_ends`]).
+const SWITCHED_QUIET: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
 /// How often "cannot connect" is repeated while Redis stays unreachable.
@@ -89,6 +93,11 @@ struct Sub {
     /// delivered through the link before it (the seam of a stitch), and
     /// are skipped.
     skip_until: Option<u64>,
+    /// Held after a `+switch-master`: its server may stay a writable
+    /// master for many seconds (Sentinel converts a healthy old master
+    /// only later), so the new link's canary may never come here; once it
+    /// has been quiet for [`SWITCHED_QUIET`] its publishers have moved on.
+    quiet_ends: bool,
     durable: Option<String>,
     /// One shared string per epoch met.
     epoch: Option<Arc<str>>,
@@ -240,7 +249,8 @@ pub fn run(target: RedisTarget, shared: Ctx) {
                 st.held.get_or_insert(sub);
                 why
             }
-            End::Switched(why, sub) => {
+            End::Switched(why, mut sub) => {
+                sub.quiet_ends = true;
                 st.held.get_or_insert(sub);
                 why
             }
@@ -339,6 +349,7 @@ fn open_link(target: &RedisTarget, shared: &Ctx, canary: &str) -> Result<Link, S
         sub: Sub {
             conn: sub,
             skip_until: None,
+            quiet_ends: false,
             durable,
             epoch: None,
         },
@@ -420,9 +431,18 @@ fn wait_reading_held(
 /// and nothing was lost between them.
 fn drain_held(mut held: Sub, shared: &Ctx, canary: &str, marker: u64, limit: Duration) -> bool {
     let until = Instant::now() + limit;
+    let mut last_notice = Instant::now();
     while Instant::now() < until && !shared.status.is_shutting_down() {
         match held.read_one(shared, canary) {
             Ok(Read::Canary(seq)) if seq == marker => return true,
+            Ok(Read::Notice) => last_notice = Instant::now(),
+            Ok(_) if held.quiet_ends && last_notice.elapsed() >= SWITCHED_QUIET => {
+                log::info!(
+                    "redis: the old master has been quiet for {} ms since the switch: reading the new one",
+                    SWITCHED_QUIET.as_millis()
+                );
+                return false;
+            }
             Ok(_) => {}
             Err(_) => return false,
         }

@@ -261,7 +261,8 @@ impl ClientLoop {
         };
         let st = &mut self.stats;
         if p.starts_with(b"{\"recovered\"") {
-            st.frames += 1;
+            // Not counted in `frames` (notices): a wait for N notices
+            // must not end early on status frames.
             let ok = find(p, b"true").is_some();
             let n = json_num(p, b"\"replayed\":").unwrap_or(0);
             if ok {

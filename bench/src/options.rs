@@ -65,6 +65,8 @@ OPTIONS
                        (SPEC 8) instead of PUBLISH, clients connect with since=
                        and unwrap {\"id\",\"notice\"}; order checked per connection
   --key-prefix P       the node's --key-prefix, for the function name [pushwire]
+  --wait-replicas N    --durable: WAIT N 500 after each batch; a batch fewer
+                       replicas acknowledged counts as refused, not lost [0]
   --redis-pid PID      read Redis's CPU ticks and RSS from /proc/PID
   --kill-pid PID       storm: the node A process to SIGKILL
   --missed K           storm: durable notices each user misses [5]
@@ -112,6 +114,7 @@ pub struct Opts {
     pub pad: usize,
     pub batch: usize,
     pub durable: bool,
+    pub wait_replicas: u32,
     pub key_prefix: String,
     pub redis_pid: Option<u32>,
     pub kill_pid: Option<u32>,
@@ -152,6 +155,7 @@ pub fn parse_opts(args: Vec<OsString>) -> Result<Opts, String> {
         pad: 0,
         batch: 1,
         durable: false,
+        wait_replicas: 0,
         key_prefix: "pushwire".into(),
         redis_pid: None,
         kill_pid: None,
@@ -213,6 +217,7 @@ pub fn parse_opts(args: Vec<OsString>) -> Result<Opts, String> {
             Long("pad") => o.pad = num("pad", p.value().map_err(e)?)?,
             Long("batch") => o.batch = num("batch", p.value().map_err(e)?)?,
             Long("durable") => o.durable = true,
+            Long("wait-replicas") => o.wait_replicas = num("wait-replicas", p.value().map_err(e)?)?,
             Long("key-prefix") => o.key_prefix = text(p.value().map_err(e)?)?,
             Long("redis-pid") => o.redis_pid = Some(num("redis-pid", p.value().map_err(e)?)?),
             Long("kill-pid") => o.kill_pid = Some(num("kill-pid", p.value().map_err(e)?)?),

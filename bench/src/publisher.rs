@@ -52,6 +52,10 @@ pub struct Pub {
     pub progress: Option<Arc<AtomicU64>>,
     /// Follow the master these Sentinels name (`url` is then the first one).
     pub sentinel: Option<Sentinel>,
+    /// With a function: `WAIT wait_replicas 500` after each batch; a batch
+    /// fewer replicas acknowledged is refused (the publisher knows it may
+    /// not survive a failover).
+    pub wait_replicas: u32,
 }
 
 /// Loopback Sentinels (no auth) and the master name they watch.
@@ -129,6 +133,7 @@ impl Pub {
             stop: None,
             progress: None,
             sentinel: None,
+            wait_replicas: 0,
         }
     }
 }
@@ -221,13 +226,17 @@ pub fn publish(p: Pub, mut make: MakeNotice) -> JoinHandle<Result<PubReport, Str
                         Some(f) => pipe.cmd("FCALL").arg(f).arg(0).arg(&buf[..]),
                     };
                 }
+                let waits = p.function.is_some() && p.wait_replicas > 0;
+                if waits {
+                    pipe.cmd("WAIT").arg(p.wait_replicas).arg(500);
+                }
                 let what = if p.function.is_some() {
                     "FCALL"
                 } else {
                     "PUBLISH"
                 };
                 let c = con.as_mut().expect("a connection");
-                let r: Vec<redis::Value> = match pipe.query(c) {
+                let mut r: Vec<redis::Value> = match pipe.query(c) {
                     Ok(r) => r,
                     Err(_) if p.sentinel.is_some() => {
                         // The whole batch is refused (a part of it may have
@@ -239,6 +248,23 @@ pub fn publish(p: Pub, mut make: MakeNotice) -> JoinHandle<Result<PubReport, Str
                     }
                     Err(e) => return Err(format!("{what}: {e}")),
                 };
+                if waits {
+                    let acked = match r.pop() {
+                        Some(redis::Value::Int(x)) => x,
+                        _ => 0,
+                    };
+                    if acked < i64::from(p.wait_replicas) {
+                        // Not (yet) on a replica: the whole batch is
+                        // refused, as a backend told so would publish it
+                        // again.
+                        match refused.last_mut() {
+                            Some(last) if last.1 == sent => last.1 = sent + n,
+                            _ => refused.push((sent, sent + n)),
+                        }
+                        sent += n;
+                        continue;
+                    }
+                }
                 let mut failed: Option<u64> = None;
                 for (k, x) in r.into_iter().enumerate() {
                     match x {

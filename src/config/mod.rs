@@ -58,6 +58,10 @@ pub struct Config {
     /// Durable notices kept per user; 0: no history.
     pub history_size: usize,
     pub history_ttl: Duration,
+    /// `POST /publish` of a durable notice waits (`WAIT`) until this many
+    /// replicas have it; 0: it does not wait.
+    pub history_replicas: u32,
+    pub history_replicas_timeout: Duration,
     /// Prefix of every Redis key and function pushwire owns.
     pub key_prefix: String,
     pub node_id: String,
@@ -121,6 +125,8 @@ impl Config {
             dev: false,
             history_size: 0,
             history_ttl: Duration::ZERO,
+            history_replicas: 0,
+            history_replicas_timeout: Duration::ZERO,
             key_prefix: String::new(),
             node_id: String::new(),
             events_channel: None,

@@ -488,6 +488,28 @@ pub(super) const OPTIONS: &[Opt] = &[
         },
     ),
     opt(
+        "history-replicas",
+        "PUSHWIRE_HISTORY_REPLICAS",
+        "N",
+        Text("0"),
+        "POST /publish: durable once N replicas have it",
+        |c, v| {
+            c.history_replicas = num(v, 0, 64)? as u32;
+            Ok(())
+        },
+    ),
+    opt(
+        "history-replicas-timeout",
+        "PUSHWIRE_HISTORY_REPLICAS_TIMEOUT",
+        "SECS",
+        Text("0.5"),
+        "how long POST /publish waits for them (then 503)",
+        |c, v| {
+            c.history_replicas_timeout = secs(v, 0.001, 60.0)?;
+            Ok(())
+        },
+    ),
+    opt(
         "key-prefix",
         "PUSHWIRE_KEY_PREFIX",
         "P",

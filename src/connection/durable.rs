@@ -110,29 +110,60 @@ impl Durable {
 
     /// Ends a recovery: the replay (or `{"recovered":false}`), the status
     /// frame, then what was held back. `None` when none was in flight.
+    ///
+    /// A held notice with an id up to the seam is normally in the replay
+    /// too, and is dropped. One that is not came from a master whose
+    /// history the one read from does not have (Sentinel promoted another
+    /// and the old one still took notices until its publishers moved on):
+    /// it is sent in its place among the replayed ones, by id, rather than
+    /// lost.
     pub fn finish(&mut self, out: &mut OutQueue, history: Option<History>) -> Option<Recovery> {
         let held = self.held.take()?;
+        let since = self.last.clone();
         let epoch = self.last.as_ref().map(|l| l.epoch.clone());
-        let (recovered, replayed, seam) = match (history, epoch) {
+        let (recovered, replayed, seam, late) = match (history, epoch) {
             (Some(History::Recovered(r)), Some(epoch)) => {
-                let n = r.entries.len();
-                for (id, id_str, notice) in r.entries {
-                    out.push(envelope(&id_str, &notice));
-                    self.last = Some(DurableId {
-                        id,
-                        epoch: epoch.clone(),
-                    });
+                let seam = DurableId {
+                    id: r.last,
+                    epoch: epoch.clone(),
+                };
+                let mut late = Vec::with_capacity(held.frames.len());
+                let mut orphans = Vec::new();
+                for f in held.frames {
+                    match &f.id {
+                        Some(id) if id.epoch == epoch && id.id <= seam.id => {
+                            let sent_before = since.as_ref().is_some_and(|s| id.id <= s.id);
+                            let replayed = r.entries.binary_search_by(|e| e.0.cmp(&id.id)).is_ok();
+                            if !sent_before && !replayed {
+                                orphans.push(f);
+                            }
+                        }
+                        _ => late.push(f),
+                    }
                 }
-                let seam = DurableId { id: r.last, epoch };
+                orphans.sort_by_key(|f| f.id.as_ref().map(|i| i.id));
+                let n = r.entries.len() + orphans.len();
+                let mut orphans = orphans.into_iter().peekable();
+                for (id, id_str, notice) in r.entries {
+                    while let Some(o) =
+                        orphans.next_if(|o| o.id.as_ref().is_some_and(|o| o.id < id))
+                    {
+                        out.push(wrapped_form(&o));
+                    }
+                    out.push(envelope(&id_str, &notice));
+                }
+                for o in orphans {
+                    out.push(wrapped_form(&o));
+                }
                 if !self.is_sent(&Some(seam.clone())) {
                     self.last = Some(seam.clone());
                 }
-                (true, n, Some(seam))
+                (true, n, Some(seam), late)
             }
-            _ => (false, 0, None),
+            _ => (false, 0, None, held.frames),
         };
         out.push(status_frame(recovered, replayed));
-        for f in held.frames {
+        for f in late {
             let before_seam = match (&f.id, &seam) {
                 (Some(id), Some(seam)) => id.epoch == seam.epoch && id.id <= seam.id,
                 _ => false,
@@ -197,5 +228,111 @@ pub fn intern_epoch(current: &mut Option<Arc<str>>, epoch: &str) -> Arc<str> {
             *current = Some(e.clone());
             e
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::{Id, Recovered};
+
+    fn id(ms: u64) -> Id {
+        Id::parse(&format!("{ms}-0")).unwrap()
+    }
+
+    fn live(epoch: &Arc<str>, ms: u64) -> Frames {
+        Frames {
+            plain: notice::text_frame(format!(r#"{{"userId":"7","n":{ms}}}"#).as_bytes()),
+            wrapped: Bytes::new(),
+            id: Some(DurableId {
+                id: id(ms),
+                epoch: epoch.clone(),
+            }),
+        }
+    }
+
+    fn entry(ms: u64) -> (Id, String, Bytes) {
+        let notice = format!(r#"{{"userId":"7","n":{ms}}}"#);
+        (id(ms), format!("e:{ms}-0"), Bytes::from(notice))
+    }
+
+    fn texts(out: &OutQueue) -> Vec<String> {
+        out.frames()
+            .iter()
+            .map(|f| String::from_utf8(notice::payload(f).to_vec()).unwrap())
+            .collect()
+    }
+
+    /// Resumes from e:100-0 with notices 101, 102 and 105 held; history
+    /// (read from a promoted replica) has 101 and 103, last 104: 101 is
+    /// dropped from the held ones, 102 (only the demoted master had it) is
+    /// sent in its place by id, 105 comes after the status frame.
+    #[test]
+    fn held_notices_history_lacks_are_merged_by_id_and_the_rest_follow() {
+        let epoch: Arc<str> = Arc::from("e");
+        let mut d = Durable::new(
+            Some(DurableId {
+                id: id(100),
+                epoch: epoch.clone(),
+            }),
+            false,
+        );
+        assert_eq!(
+            d.begin_recovery().map(|c| c.to_string()).as_deref(),
+            Some("e:100-0")
+        );
+        let mut out = OutQueue::default();
+        for ms in [101, 102, 105] {
+            assert!(matches!(
+                d.queue(&mut out, &live(&epoch, ms), 1 << 20),
+                Queued::Yes
+            ));
+        }
+        assert!(out.is_empty(), "held while the read is in flight");
+        let history = History::Recovered(Recovered {
+            entries: vec![entry(101), entry(103)],
+            last: id(104),
+        });
+        let done = d.finish(&mut out, Some(history)).unwrap();
+        assert!(done.recovered);
+        assert_eq!(done.replayed, 3);
+        let n = |ms: u64| format!(r#"{{"id":"e:{ms}-0","notice":{{"userId":"7","n":{ms}}}}}"#);
+        assert_eq!(
+            texts(&out),
+            vec![
+                n(101),
+                n(102),
+                n(103),
+                r#"{"recovered":true,"replayed":3}"#.to_string(),
+                n(105)
+            ]
+        );
+        // Later live notices at or below what was sent are dropped.
+        assert!(matches!(
+            d.queue(&mut out, &live(&epoch, 104), 1 << 20),
+            Queued::NotOpen
+        ));
+        assert!(matches!(
+            d.queue(&mut out, &live(&epoch, 106), 1 << 20),
+            Queued::Yes
+        ));
+    }
+
+    /// A missed recovery sends every held notice after the status frame.
+    #[test]
+    fn a_missed_recovery_sends_what_was_held_after_the_status() {
+        let epoch: Arc<str> = Arc::from("e");
+        let mut d = Durable::new(None, true);
+        let mut out = OutQueue::default();
+        d.queue(&mut out, &live(&epoch, 5), 1 << 20);
+        let done = d.finish(&mut out, Some(History::Missed)).unwrap();
+        assert!(!done.recovered);
+        let t = texts(&out);
+        assert_eq!(t[0], r#"{"recovered":false}"#);
+        assert_eq!(t.len(), 2, "{t:?}");
+        assert!(
+            d.finish(&mut out, None).is_none(),
+            "one recovery, one answer"
+        );
     }
 }

@@ -41,6 +41,12 @@ impl OutQueue {
         self.bytes
     }
 
+    /// The queued frames, for tests.
+    #[cfg(test)]
+    pub fn frames(&self) -> Vec<Bytes> {
+        self.chunks.iter().cloned().collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.bytes == 0
     }

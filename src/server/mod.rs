@@ -56,6 +56,9 @@ const READ_BUFFER_BYTES: usize = 256;
 const PRESENCE_ME: &str = "/presence/me";
 /// Extra inbox drains before a pass's flush, while notices keep coming.
 const MAX_EXTRA_DRAINS: usize = 4;
+/// How soon a loop with recoveries waiting for the replayer's room asks
+/// again (it also asks whenever replies come back).
+const RECOVERY_RETRY: Duration = Duration::from_millis(5);
 
 /// What every loop reads and shares with the other threads.
 #[derive(Clone)]
@@ -92,6 +95,8 @@ pub struct Worker {
     durable_here: usize,
     /// The upgrade's checks, at `/presence/me`.
     me_policy: auth::AuthConfig,
+    /// Recovery reads waiting for room in the replayer's queue, in turn.
+    recoveries_waiting: std::collections::VecDeque<crate::replay::Request>,
 }
 
 /// A loop's poll and the two ends of its queues, made before any loop runs
@@ -147,6 +152,7 @@ impl Worker {
             delivered: 0,
             durable_here: 0,
             me_policy,
+            recoveries_waiting: std::collections::VecDeque::new(),
         })
     }
 
@@ -160,6 +166,11 @@ impl Worker {
             let mut timeout = next_tick.saturating_duration_since(now);
             if !self.again.is_empty() {
                 timeout = Duration::ZERO;
+            }
+            if !self.recoveries_waiting.is_empty() {
+                // The replayer's room frees as it answers any loop: look
+                // again soon.
+                timeout = timeout.min(RECOVERY_RETRY);
             }
             if let Some(p) = self.acceptor.as_ref().and_then(Acceptor::paused_until) {
                 timeout = timeout.min(p.saturating_duration_since(now));
@@ -185,6 +196,9 @@ impl Worker {
             }
             for r in end.replies() {
                 self.on_replayed(r);
+            }
+            if !self.recoveries_waiting.is_empty() {
+                self.ask_waiting_recoveries();
             }
             self.drain_inbox(&end, now);
             for (slot, generation) in std::mem::take(&mut self.again) {

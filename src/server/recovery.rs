@@ -29,9 +29,13 @@ pub fn from_replay_token(t: u64) -> (u16, u32, u32) {
 }
 
 impl Worker {
-    /// Asks for a recovery read; with no replayer, or its queue full, or
-    /// no point to recover from, the connection is answered
-    /// `{"recovered":false}` at once.
+    /// Asks for a recovery read. With the replayer's queue full the
+    /// request waits on this loop (the connection keeps holding its live
+    /// notices) and is asked again as replies come back: a burst of
+    /// recoveries (every `since` connection after a subscription loss, a
+    /// reconnect storm) is read in turn, never answered
+    /// `{"recovered":false}` for want of room. With no replayer, or no
+    /// point to recover from, the answer is `{"recovered":false}` at once.
     pub(super) fn request_recovery(
         &mut self,
         slot: usize,
@@ -40,13 +44,20 @@ impl Worker {
         since: Option<ClientId>,
     ) {
         let asked = match (&self.ctx.replayer, since) {
-            (Some(r), Some(since)) => r
-                .try_request(replay::Request {
+            (Some(_), Some(since)) => {
+                let r = replay::Request {
                     token: replay_token(self.id, slot, generation),
                     user,
                     since,
-                })
-                .is_ok(),
+                };
+                if self.recoveries_waiting.is_empty() {
+                    self.ask(r)
+                } else {
+                    // Behind the ones already waiting: in turn.
+                    self.recoveries_waiting.push_back(r);
+                    true
+                }
+            }
             _ => false,
         };
         if !asked {
@@ -55,6 +66,54 @@ impl Worker {
                 generation,
                 history: None,
             });
+        }
+    }
+
+    /// Hands a request to the replayer, or keeps it waiting when its queue
+    /// is full; false when the replayer has stopped.
+    fn ask(&mut self, r: replay::Request) -> bool {
+        let Some(replayer) = &self.ctx.replayer else {
+            return false;
+        };
+        match replayer.try_request(r) {
+            Ok(()) => true,
+            Err(replay::Refused::Full(r)) => {
+                self.recoveries_waiting.push_back(r);
+                true
+            }
+            Err(replay::Refused::Stopped) => false,
+        }
+    }
+
+    /// Asks again for the recoveries waiting for room, oldest first; those
+    /// of connections gone meanwhile are dropped.
+    pub(super) fn ask_waiting_recoveries(&mut self) {
+        while let Some(r) = self.recoveries_waiting.pop_front() {
+            let (_, slot, generation) = from_replay_token(r.token);
+            let alive = self
+                .conns
+                .get(slot as usize)
+                .is_some_and(|c| c.generation & 0xff_ffff == generation);
+            if !alive {
+                continue;
+            }
+            let Some(replayer) = &self.ctx.replayer else {
+                return;
+            };
+            match replayer.try_request(r) {
+                Ok(()) => {}
+                Err(replay::Refused::Full(r)) => {
+                    self.recoveries_waiting.push_front(r);
+                    return;
+                }
+                Err(replay::Refused::Stopped) => {
+                    self.on_replayed(Replayed {
+                        slot,
+                        generation,
+                        history: None,
+                    });
+                }
+            }
         }
     }
 

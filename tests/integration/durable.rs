@@ -207,3 +207,50 @@ fn a_redis_restart_with_persistence_loses_nothing_durable() {
         serde_json::json!({"recovered": true, "replayed": 2})
     );
 }
+
+#[test]
+fn post_publish_with_history_replicas_waits_for_a_replica_and_says_when_none_has_it() {
+    let _w = watchdog(40);
+    let master = Redis::start();
+    let node = Node::with_redis(
+        &master,
+        &[
+            "--history-replicas",
+            "1",
+            "--history-replicas-timeout",
+            "0.2",
+        ],
+    );
+    let mut c = connect_since(&node, "42", "");
+    // No replica: stored and sent on the master, but a failover could take
+    // it away, so the publisher is told (503, with the id), not 202.
+    let (st, body) = node.publish(r#"{"userId":"42","text":"alone"}"#);
+    assert_eq!(st, 503, "{body}");
+    let v = json(&body);
+    assert_eq!(v["replicas"], 0, "{body}");
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("replicas")),
+        "{body}"
+    );
+    let id = v["id"].as_str().expect("the id").to_string();
+    let (got, notice) = envelope(&mut c);
+    assert_eq!(got.as_deref(), Some(id.as_str()));
+    assert_eq!(notice, r#"{"userId":"42","text":"alone"}"#);
+    assert_eq!(node.metric("pushwire_durable_unreplicated_total"), 1.0);
+
+    // A replica in sync: 202, and the replica has the notice in history.
+    let replica = Redis::start_with(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
+    assert!(wait_until(T, || replica
+        .cmd(&["INFO", "replication"])
+        .is_ok_and(|s| s.contains("master_link_status:up"))));
+    let (st, body) = node.publish(r#"{"userId":"42","text":"replicated"}"#);
+    assert_eq!(st, 202, "{body}");
+    assert_eq!(json(&body)["replicas"], 1, "{body}");
+    let (_, notice) = envelope(&mut c);
+    assert_eq!(notice, r#"{"userId":"42","text":"replicated"}"#);
+    let on_replica = replica
+        .cmd(&["XRANGE", "pushwire:history:42", "-", "+"])
+        .unwrap();
+    assert!(on_replica.contains("replicated"), "{on_replica}");
+    assert_eq!(node.metric("pushwire_durable_unreplicated_total"), 1.0);
+}

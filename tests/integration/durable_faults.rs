@@ -898,3 +898,72 @@ fn durable_huge_gap_is_missed_not_replayed() {
         1.0
     );
 }
+
+/// After a subscription loss every `since` connection asks for a recovery
+/// at once; with more of them than the replayer's queue holds (4 here,
+/// 4096 in a release build), the rest wait on their loop and are read in
+/// turn: each gets `recovered:true` and what it missed, none
+/// `recovered:false` for want of room.
+#[test]
+fn a_burst_of_recoveries_larger_than_the_replayer_queue_is_read_in_turn() {
+    let _w = watchdog(60);
+    const N: usize = 40;
+    let redis = Redis::start();
+    let node = Node::with_redis_env(
+        &redis,
+        &["--workers", "1"],
+        &[("PUSHWIRE_TEST_REPLAY_QUEUE", "4")],
+    );
+    let user = |i: usize| format!("burst{i}");
+    let notice = |i: usize, n: u64| format!(r#"{{"userId":"{}","n":{n}}}"#, user(i));
+    let mut clients: Vec<Client> = (0..N)
+        .map(|i| {
+            let url = node.url(&format!("/ws?token={}&since=", token(&user(i), None)));
+            Client::connect(&url).expect("upgrade")
+        })
+        .collect();
+    // Each connection is sent one durable notice: its point to resume from.
+    for (i, c) in clients.iter_mut().enumerate() {
+        let id = publish_ok(&redis, &notice(i, 1));
+        let got = c.recv_text(T).expect("the first notice");
+        assert_eq!(got, envelope(&id, &notice(i, 1)));
+    }
+    let restored = node.metric("pushwire_redis_reconnects_total");
+    redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+    // Published while the node is without its subscription, or just after:
+    // each reaches its client once, replayed or live.
+    let ids: Vec<String> = (0..N).map(|i| publish_ok(&redis, &notice(i, 2))).collect();
+    assert!(
+        node.wait_metric("pushwire_redis_reconnects_total", T, |v| v > restored),
+        "the node reconnected"
+    );
+    for (i, c) in clients.iter_mut().enumerate() {
+        let (mut frames, mut status) = (Vec::new(), None);
+        let until = Instant::now() + T;
+        while status.is_none() || frames.is_empty() {
+            let left = until.saturating_duration_since(Instant::now());
+            let text = c
+                .recv_text(left)
+                .unwrap_or_else(|| panic!("client {i}: frames {frames:?}, status {status:?}"));
+            match parse(&text) {
+                Frame::Status { recovered, .. } => {
+                    assert!(status.is_none(), "client {i}: one status frame");
+                    status = Some(recovered);
+                }
+                Frame::Durable { id, n } => frames.push((id, n)),
+                Frame::Other(t) => panic!("client {i}: {t}"),
+            }
+        }
+        assert_eq!(status, Some(true), "client {i}: recovered, not refused");
+        assert_eq!(frames, vec![(ids[i].clone(), Some(2))], "client {i}");
+        c.expect_nothing(Duration::from_millis(20));
+    }
+    assert_eq!(
+        node.metric(r#"pushwire_recoveries_total{result="missed"}"#),
+        0.0
+    );
+    assert_eq!(
+        node.metric(r#"pushwire_recoveries_total{result="recovered"}"#),
+        N as f64
+    );
+}

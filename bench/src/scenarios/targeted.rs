@@ -28,6 +28,13 @@ struct Step {
     dup: u64,
     pub misrouted: u64,
     pub order_errors: u64,
+    /// Status frames (`{"recovered":..}`) seen in the step: true, false,
+    /// and on a connection that had not asked for one.
+    status: (u64, u64, u64),
+    /// The lost seqs, as ranges `[first, last]`, and how many users lost
+    /// any: where a loss sits in the run tells what caused it.
+    lost_ranges: Vec<(u64, u64)>,
+    lost_users: usize,
     pub dropped: u64,
     pub lat: Hist,
     pub cpu: Cpu,
@@ -73,6 +80,11 @@ impl Step {
             "master_switches": self.switches,
             "max_delivery_gap_ms": (ms(self.max_gap) * 10.0).round() / 10.0,
             "max_delivery_gap_end_s": (self.max_gap_at as f64 / 1e7).round() / 100.0,
+            "status_recovered": self.status.0,
+            "status_missed": self.status.1,
+            "status_unexpected": self.status.2,
+            "lost_users": self.lost_users,
+            "lost_seq_ranges": self.lost_ranges.iter().take(50).map(|(a, b)| json!([a, b])).collect::<Vec<_>>(),
         })
     }
 }
@@ -105,6 +117,7 @@ fn targeted_step(
     let mut p = Pub::new(redis.into(), o.channel.clone(), rate, count, seq0);
     if o.durable {
         p.function = Some(format!("{}_publish", o.key_prefix));
+        p.wait_replicas = o.wait_replicas;
     }
     if let Some(s) = &o.redis_sentinel {
         p.sentinel = Some(crate::publisher::Sentinel::parse(s)?);
@@ -130,12 +143,20 @@ fn targeted_step(
     }
     let st = clients.collect(None);
     let (mut delivered, mut lost, mut dup) = (0, 0, 0);
+    let mut lost_ranges: Vec<(u64, u64)> = Vec::new();
+    let mut lost_users = std::collections::HashSet::new();
     for k in 0..rep.sent {
-        let want = *mult.get(&user_for(users, seq0 + k)).unwrap_or(&1) as u64;
+        let user = user_for(users, seq0 + k);
+        let want = *mult.get(&user).unwrap_or(&1) as u64;
         let got = st.seq_count.get(k as usize).copied().unwrap_or(0) as u64;
         delivered += got.min(want);
-        if !is_refused[k as usize] {
-            lost += want.saturating_sub(got);
+        if !is_refused[k as usize] && got < want {
+            lost += want - got;
+            lost_users.insert(user);
+            match lost_ranges.last_mut() {
+                Some(r) if r.1 + 1 == k => r.1 = k,
+                _ => lost_ranges.push((k, k)),
+            }
         }
         dup += got.saturating_sub(want);
     }
@@ -148,6 +169,14 @@ fn targeted_step(
         dup,
         misrouted: st.misrouted,
         order_errors: st.order_errors,
+        status: (
+            st.status_ok.saturating_sub(before.status_ok),
+            st.status_missed.saturating_sub(before.status_missed),
+            st.status_unexpected
+                .saturating_sub(before.status_unexpected),
+        ),
+        lost_ranges,
+        lost_users: lost_users.len(),
         dropped: (st.dropped_open + st.closed_by_server)
             .saturating_sub(before.dropped_open + before.closed_by_server),
         lat: st.lat,
