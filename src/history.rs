@@ -457,17 +457,40 @@ pub(crate) mod test_redis {
 
     impl TestRedis {
         pub fn start() -> TestRedis {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .expect("free port");
-            TestRedis::start_on(port)
+            TestRedis::start_on(Self::free_port())
+        }
+
+        /// A free loopback port never handed out twice in this process,
+        /// below the kernel's ephemeral range: `bind(0)` can hand a port
+        /// just closed to the next caller, and two tests then shared one
+        /// Redis (the second redis-server failed to bind, and its ping
+        /// reached the first).
+        fn free_port() -> u16 {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            const LOW: u32 = 10_000;
+            const SPAN: u32 = 22_000;
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let start = LOW + (std::process::id() % 1_000) * 20;
+            let _ = NEXT.compare_exchange(0, start, Ordering::SeqCst, Ordering::SeqCst);
+            loop {
+                let port = (LOW + (NEXT.fetch_add(1, Ordering::SeqCst) - LOW) % SPAN) as u16;
+                if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                    return port;
+                }
+            }
         }
 
         pub fn start_on(port: u16) -> TestRedis {
+            // A directory of its own, so that no RDB left in the working
+            // directory is loaded.
+            let dir = std::env::temp_dir()
+                .join(format!("pushwire-unit-redis-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("a directory for redis-server");
             let child = Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&dir)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()

@@ -211,7 +211,8 @@ fn a_redis_restart_with_persistence_loses_nothing_durable() {
 #[test]
 fn post_publish_with_history_replicas_waits_for_a_replica_and_says_when_none_has_it() {
     let _w = watchdog(40);
-    let master = Redis::start();
+    // No 5 s wait for more replicas before the sync (Redis 7's default).
+    let master = Redis::start_with(&["--repl-diskless-sync-delay", "0"]);
     let node = Node::with_redis(
         &master,
         &[

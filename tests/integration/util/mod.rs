@@ -19,7 +19,7 @@ pub use self::raw::*;
 pub use self::redis::*;
 
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,12 +67,26 @@ impl Drop for Watchdog {
     }
 }
 
+/// A loopback port nothing listens on, never handed out twice in this
+/// process. Taken below the kernel's ephemeral range (32768 and up), so
+/// that `bind(0)` elsewhere cannot pick it either: a test that kills its
+/// Redis and restarts it on the same port must not find another test's
+/// server there (bind(0) hands a just-freed port to the next caller, and
+/// two tests then shared one Redis: events and presence of one showed up
+/// in the other).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Processes of the suite running at once (nextest) start apart.
+    let start = LOW + (std::process::id() % 1_000) * 20;
+    let _ = NEXT.compare_exchange(0, start, Ordering::SeqCst, Ordering::SeqCst);
+    loop {
+        let port = (LOW + (NEXT.fetch_add(1, Ordering::SeqCst) - LOW) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Polls `f` every 20 ms until it is true or `timeout` passes.

@@ -31,6 +31,15 @@ impl Redis {
     }
 
     fn spawn(&mut self) {
+        // A directory of its own: a replica writes the RDB it syncs to
+        // `dir` (the working directory by default), and every later
+        // redis-server started there would load it.
+        let dir = std::env::temp_dir().join(format!(
+            "pushwire-test-redis-{}-{}",
+            std::process::id(),
+            self.port
+        ));
+        std::fs::create_dir_all(&dir).expect("a directory for redis-server");
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -42,6 +51,8 @@ impl Redis {
                 "--appendonly",
                 "no",
             ])
+            .arg("--dir")
+            .arg(&dir)
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -118,6 +129,12 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
+        let dir = std::env::temp_dir().join(format!(
+            "pushwire-test-redis-{}-{}",
+            std::process::id(),
+            self.port
+        ));
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
