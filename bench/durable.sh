@@ -102,6 +102,10 @@ for run in $(seq 1 "$RUNS"); do
                 --kill-pid "$APID" --server-pid "$NPID" --redis-pid "$RPID" --redis "$REDIS" \
                 --json --label "storm-$live-$run" 2>"$TMP/bench.log" | tail -1 | sed "s#$PW#***#g" >>"$OUT" ||
                 tail -5 "$TMP/bench.log" >&2
+            # Node B's own account of drops and cuts during the storm.
+            curl -s "http://127.0.0.1:$NADMIN/metrics" |
+                grep -E '^pushwire_(notices_dropped|slow_consumer_closed|messages_delivered|recoveries)' |
+                sed "s/^/  storm-$live-$run node B: /" >&2 || true
             stop_all
         done ;;
     esac

@@ -324,8 +324,14 @@ pub fn storm(o: &Opts) -> Result<(), String> {
 
     // Everyone back, to B, at once.
     let live_base = live_seq + progress.load(Ordering::Relaxed);
+    // Checked from the first notice published after the reset: one in
+    // flight while the client threads reset could arrive just before it
+    // and be counted lost.
+    let mut live_from = live_base;
     if let Some(l) = &live {
         l.collect(Some(live_base));
+        std::thread::sleep(Duration::from_millis(50));
+        live_from = live_seq + progress.load(Ordering::Relaxed);
     }
     let mem_before = info_num(&mut rcon, "memory", "used_memory");
     let w_rec = Window::start(&probe);
@@ -479,7 +485,8 @@ pub fn storm(o: &Opts) -> Result<(), String> {
         let end = live_seq + rep.sent;
         wait_frames(l, end - live_base, Duration::from_secs_f64(o.drain));
         let lst = l.collect(None);
-        let (d, lost, dup) = once(&lst, live_base, end);
+        let (d, lost, dup) = once(&lst, live_from, end);
+        let live_base = live_from;
         r.row(
             "live during the recovery",
             format!(
