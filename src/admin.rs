@@ -46,6 +46,8 @@ pub struct Ctx {
 const MAX_CONCURRENT: usize = 16;
 const MAX_HEAD_BYTES: usize = 8 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connect, read and write timeout of the admin's Redis connections.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// The whole request, head and body, must arrive within this: a client
 /// that trickles a byte at a time cannot keep a slot past it.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
@@ -553,7 +555,7 @@ impl Admin {
         if let Some((c, epoch)) = idle {
             return Ok((c, epoch, true));
         }
-        let c = target.connect(Duration::from_secs(2))?;
+        let c = target.connect(REDIS_TIMEOUT)?;
         Ok((c.conn, c.epoch, false))
     }
 
@@ -576,6 +578,11 @@ impl Admin {
             replicas: c.history_replicas,
             timeout: c.history_replicas_timeout,
         });
+        if wait.is_some() {
+            // The reply comes after WAIT's own timeout at the latest; the
+            // socket must outlast it (pooled connections get it too).
+            conn.set_read_timeout(Some(c.history_replicas_timeout + REDIS_TIMEOUT))?;
+        }
         for _ in 0..2 {
             match history::publish_waiting(conn, &c.key_prefix, body, wait) {
                 Ok(p) => {

@@ -505,7 +505,7 @@ pub(super) const OPTIONS: &[Opt] = &[
         Text("0.5"),
         "how long POST /publish waits for them (then 503)",
         |c, v| {
-            c.history_replicas_timeout = secs(v, 0.001, 60.0)?;
+            c.history_replicas_timeout = secs(v, 0.001, 10.0)?;
             Ok(())
         },
     ),

@@ -218,8 +218,10 @@ fn post_publish_with_history_replicas_waits_for_a_replica_and_says_when_none_has
         &[
             "--history-replicas",
             "1",
+            // Long enough for a loaded machine's replica to acknowledge;
+            // the publish with no replica waits all of it.
             "--history-replicas-timeout",
-            "0.2",
+            "2",
         ],
     );
     let mut c = connect_since(&node, "42", "");
