@@ -556,6 +556,12 @@ impl Admin {
             return Ok((c, epoch, true));
         }
         let c = target.connect(REDIS_TIMEOUT)?;
+        let wait = self.shared.config.history_replicas_timeout;
+        if self.shared.config.history_replicas > 0 {
+            // A publish's reply comes after WAIT's own timeout at the
+            // latest: the socket must outlast it.
+            c.conn.set_read_timeout(Some(wait + REDIS_TIMEOUT))?;
+        }
         Ok((c.conn, c.epoch, false))
     }
 
@@ -578,11 +584,6 @@ impl Admin {
             replicas: c.history_replicas,
             timeout: c.history_replicas_timeout,
         });
-        if wait.is_some() {
-            // The reply comes after WAIT's own timeout at the latest; the
-            // socket must outlast it (pooled connections get it too).
-            conn.set_read_timeout(Some(c.history_replicas_timeout + REDIS_TIMEOUT))?;
-        }
         for _ in 0..2 {
             match history::publish_waiting(conn, &c.key_prefix, body, wait) {
                 Ok(p) => {
@@ -590,33 +591,28 @@ impl Admin {
                         .metrics
                         .durable_published
                         .fetch_add(1, Ordering::Relaxed);
-                    let want = i64::from(c.history_replicas);
-                    if let Some(got) = p.replicas.filter(|got| *got < want) {
-                        // Stored and sent on the master, but a failover now
-                        // could take it away: the publisher is told, and
-                        // may publish again (with a new id).
-                        self.shared
-                            .metrics
-                            .durable_unreplicated
-                            .fetch_add(1, Ordering::Relaxed);
-                        let answer = serde_json::json!({
-                            "error": format!(
+                    let mut answer = serde_json::json!({"id": p.id, "receivers": p.receivers});
+                    let mut status = 202;
+                    if let Some(got) = p.replicas {
+                        answer["replicas"] = got.into();
+                        let want = c.history_replicas;
+                        if got < i64::from(want) {
+                            // Stored and sent on the master, but a failover
+                            // now could take it away: the publisher is
+                            // told, and may publish again (with a new id).
+                            self.shared
+                                .metrics
+                                .durable_unreplicated
+                                .fetch_add(1, Ordering::Relaxed);
+                            answer["error"] = format!(
                                 "published, but only {got} of {want} replicas acknowledged it within {} ms: a failover could lose it; publish again to be sure (a client may then get it twice, under two ids)",
                                 c.history_replicas_timeout.as_millis()
-                            ),
-                            "id": p.id,
-                            "receivers": p.receivers,
-                            "replicas": got,
-                        });
-                        return Ok((503, format!("{answer}\n").into_bytes()));
-                    }
-                    let answer = match p.replicas {
-                        Some(r) => {
-                            serde_json::json!({"id": p.id, "receivers": p.receivers, "replicas": r})
+                            )
+                            .into();
+                            status = 503;
                         }
-                        None => serde_json::json!({"id": p.id, "receivers": p.receivers}),
-                    };
-                    return Ok((202, format!("{answer}\n").into_bytes()));
+                    }
+                    return Ok((status, format!("{answer}\n").into_bytes()));
                 }
                 Err(history::PublishError::Refused(why)) => {
                     self.shared

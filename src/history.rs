@@ -253,7 +253,7 @@ pub fn publish_waiting<C: ConnectionLike>(
         .arg(format!("{prefix}:notices"));
     if let Some(w) = wait {
         // 0 would mean "forever" to WAIT.
-        let ms = w.timeout.as_millis().clamp(1, u64::MAX as u128) as u64;
+        let ms = (w.timeout.as_millis() as u64).max(1);
         pipe.cmd("WAIT").arg(w.replicas).arg(ms);
     }
     let replies: Vec<Value> = pipe
@@ -453,6 +453,7 @@ pub(crate) mod test_redis {
     pub struct TestRedis {
         child: Child,
         pub port: u16,
+        dir: std::path::PathBuf,
     }
 
     impl TestRedis {
@@ -495,7 +496,7 @@ pub(crate) mod test_redis {
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("redis-server on PATH");
-            let r = TestRedis { child, port };
+            let r = TestRedis { child, port, dir };
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 let ok = r
@@ -532,6 +533,7 @@ pub(crate) mod test_redis {
         fn drop(&mut self) {
             let _ = self.child.kill();
             let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 }

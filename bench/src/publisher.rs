@@ -241,7 +241,7 @@ pub fn publish(p: Pub, mut make: MakeNotice) -> JoinHandle<Result<PubReport, Str
                     Err(_) if p.sentinel.is_some() => {
                         // The whole batch is refused (a part of it may have
                         // run: those then count as delivered, not lost).
-                        refused.push((sent, sent + n));
+                        refuse(&mut refused, sent, sent + n);
                         sent += n;
                         con = None;
                         continue;
@@ -257,10 +257,7 @@ pub fn publish(p: Pub, mut make: MakeNotice) -> JoinHandle<Result<PubReport, Str
                         // Not (yet) on a replica: the whole batch is
                         // refused, as a backend told so would publish it
                         // again.
-                        match refused.last_mut() {
-                            Some(last) if last.1 == sent => last.1 = sent + n,
-                            _ => refused.push((sent, sent + n)),
-                        }
+                        refuse(&mut refused, sent, sent + n);
                         sent += n;
                         continue;
                     }
@@ -275,10 +272,7 @@ pub fn publish(p: Pub, mut make: MakeNotice) -> JoinHandle<Result<PubReport, Str
                             }
                             // READONLY, LOADING...: this one was refused.
                             let s0 = sent + k as u64;
-                            match refused.last_mut() {
-                                Some(last) if last.1 == s0 => last.1 = s0 + 1,
-                                _ => refused.push((s0, s0 + 1)),
-                            }
+                            refuse(&mut refused, s0, s0 + 1);
                             failed = Some(s0);
                         }
                         _ => min_receivers = -1,
@@ -306,6 +300,14 @@ pub fn publish(p: Pub, mut make: MakeNotice) -> JoinHandle<Result<PubReport, Str
             })
         })
         .expect("spawn the publisher thread")
+}
+
+/// Adds seqs `a..b` to the refused ranges, joining a range it continues.
+fn refuse(refused: &mut Vec<(u64, u64)>, a: u64, b: u64) {
+    match refused.last_mut() {
+        Some(last) if last.1 == a => last.1 = b,
+        _ => refused.push((a, b)),
+    }
 }
 
 /// Waits until `want` subscribers listen on the channel (the nodes).

@@ -120,8 +120,10 @@ impl Durable {
     pub fn finish(&mut self, out: &mut OutQueue, history: Option<History>) -> Option<Recovery> {
         let held = self.held.take()?;
         let since = self.last.clone();
-        let epoch = self.last.as_ref().map(|l| l.epoch.clone());
-        let (recovered, replayed, seam, late) = match (history, epoch) {
+        let epoch = since.as_ref().map(|l| l.epoch.clone());
+        // `late`: what follows the status frame (after the seam, or all of
+        // it when history could not prove completeness).
+        let (recovered, replayed, late) = match (history, epoch) {
             (Some(History::Recovered(r)), Some(epoch)) => {
                 let seam = DurableId {
                     id: r.last,
@@ -156,21 +158,14 @@ impl Durable {
                     out.push(wrapped_form(&o));
                 }
                 if !self.is_sent(&Some(seam.clone())) {
-                    self.last = Some(seam.clone());
+                    self.last = Some(seam);
                 }
-                (true, n, Some(seam), late)
+                (true, n, late)
             }
-            _ => (false, 0, None, held.frames),
+            _ => (false, 0, held.frames),
         };
         out.push(status_frame(recovered, replayed));
         for f in late {
-            let before_seam = match (&f.id, &seam) {
-                (Some(id), Some(seam)) => id.epoch == seam.epoch && id.id <= seam.id,
-                _ => false,
-            };
-            if before_seam {
-                continue;
-            }
             out.push(wrapped_form(&f));
             if let Some(id) = f.id {
                 if !self.is_sent(&Some(id.clone())) {

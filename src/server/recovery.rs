@@ -29,13 +29,14 @@ pub fn from_replay_token(t: u64) -> (u16, u32, u32) {
 }
 
 impl Worker {
-    /// Asks for a recovery read. With the replayer's queue full the
-    /// request waits on this loop (the connection keeps holding its live
-    /// notices) and is asked again as replies come back: a burst of
-    /// recoveries (every `since` connection after a subscription loss, a
-    /// reconnect storm) is read in turn, never answered
-    /// `{"recovered":false}` for want of room. With no replayer, or no
-    /// point to recover from, the answer is `{"recovered":false}` at once.
+    /// Asks for a recovery read. Requests go to the replayer in turn,
+    /// through [`Worker::ask_waiting_recoveries`]: with its queue full they
+    /// wait on this loop (the connection keeps holding its live notices)
+    /// and are asked again as replies come back, so a burst of recoveries
+    /// (every `since` connection after a subscription loss, a reconnect
+    /// storm) is read in turn, never answered `{"recovered":false}` for
+    /// want of room. With no replayer, or no point to recover from, the
+    /// answer is `{"recovered":false}` at once.
     pub(super) fn request_recovery(
         &mut self,
         slot: usize,
@@ -43,50 +44,27 @@ impl Worker {
         user: Box<str>,
         since: Option<ClientId>,
     ) {
-        let asked = match (&self.ctx.replayer, since) {
+        match (&self.ctx.replayer, since) {
             (Some(_), Some(since)) => {
-                let r = replay::Request {
+                self.recoveries_waiting.push_back(replay::Request {
                     token: replay_token(self.id, slot, generation),
                     user,
                     since,
-                };
-                if self.recoveries_waiting.is_empty() {
-                    self.ask(r)
-                } else {
-                    // Behind the ones already waiting: in turn.
-                    self.recoveries_waiting.push_back(r);
-                    true
-                }
+                });
+                self.ask_waiting_recoveries();
             }
-            _ => false,
-        };
-        if !asked {
-            self.on_replayed(Replayed {
+            _ => self.on_replayed(Replayed {
                 slot: slot as u32,
                 generation,
                 history: None,
-            });
+            }),
         }
     }
 
-    /// Hands a request to the replayer, or keeps it waiting when its queue
-    /// is full; false when the replayer has stopped.
-    fn ask(&mut self, r: replay::Request) -> bool {
-        let Some(replayer) = &self.ctx.replayer else {
-            return false;
-        };
-        match replayer.try_request(r) {
-            Ok(()) => true,
-            Err(replay::Refused::Full(r)) => {
-                self.recoveries_waiting.push_back(r);
-                true
-            }
-            Err(replay::Refused::Stopped) => false,
-        }
-    }
-
-    /// Asks again for the recoveries waiting for room, oldest first; those
-    /// of connections gone meanwhile are dropped.
+    /// Hands the waiting recoveries to the replayer, oldest first, until
+    /// its queue is full; those of connections gone meanwhile are dropped,
+    /// and with the replayer stopped the rest are answered
+    /// `{"recovered":false}`.
     pub(super) fn ask_waiting_recoveries(&mut self) {
         while let Some(r) = self.recoveries_waiting.pop_front() {
             let (_, slot, generation) = from_replay_token(r.token);

@@ -486,18 +486,18 @@ pub fn storm(o: &Opts) -> Result<(), String> {
         wait_frames(l, end - live_base, Duration::from_secs_f64(o.drain));
         let lst = l.collect(None);
         let (d, lost, dup) = once(&lst, live_from, end);
-        let live_base = live_from;
+        let checked = end - live_from;
         r.row(
             "live during the recovery",
             format!(
                 "{live_rate:.0}/s asked: {} sent, delivered {d} lost {lost} dup {dup} | {}",
-                end - live_base,
+                checked,
                 hist_line(&lst.lat)
             ),
         );
         r.set(
             "live_during",
-            json!({"rate": live_rate, "sent": end - live_base, "delivered": d, "lost": lost,
+            json!({"rate": live_rate, "sent": checked, "delivered": d, "lost": lost,
                    "duplicated": dup, "out_of_order": lst.order_errors, "latency": hist_json(&lst.lat)}),
         );
         l.close_all();

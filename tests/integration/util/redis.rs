@@ -12,6 +12,10 @@ pub struct Redis {
     pub port: u16,
     child: Option<Child>,
     extra: Vec<String>,
+    /// Its own `--dir`: a replica writes the RDB it syncs there (the
+    /// working directory by default), and every later redis-server started
+    /// in the same place would load it. Removed on drop.
+    dir: std::path::PathBuf,
 }
 
 impl Redis {
@@ -21,25 +25,20 @@ impl Redis {
 
     /// With extra `redis-server` arguments (kept for [`Redis::restart`]).
     pub fn start_with(extra: &[&str]) -> Redis {
+        let port = free_port();
         let mut r = Redis {
-            port: free_port(),
+            port,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            dir: std::env::temp_dir()
+                .join(format!("pushwire-test-redis-{}-{port}", std::process::id())),
         };
         r.spawn();
         r
     }
 
     fn spawn(&mut self) {
-        // A directory of its own: a replica writes the RDB it syncs to
-        // `dir` (the working directory by default), and every later
-        // redis-server started there would load it.
-        let dir = std::env::temp_dir().join(format!(
-            "pushwire-test-redis-{}-{}",
-            std::process::id(),
-            self.port
-        ));
-        std::fs::create_dir_all(&dir).expect("a directory for redis-server");
+        std::fs::create_dir_all(&self.dir).expect("a directory for redis-server");
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -52,7 +51,7 @@ impl Redis {
                 "no",
             ])
             .arg("--dir")
-            .arg(&dir)
+            .arg(&self.dir)
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -129,12 +128,7 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
-        let dir = std::env::temp_dir().join(format!(
-            "pushwire-test-redis-{}-{}",
-            std::process::id(),
-            self.port
-        ));
-        let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
